@@ -1,0 +1,9 @@
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from config.views import dashboard_view
+
+
+@dashboard_view
+def index(request: HttpRequest) -> HttpResponse:
+    return render(request, "billing/index.html", {"section": "budgets"})

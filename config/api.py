@@ -1,0 +1,164 @@
+"""The one JSON API of Crucible, mounted at /api/v1/ (OpenAPI at /api/v1/openapi.json).
+
+Every error, whatever raised it, leaves through the handlers below in the envelope of
+``config.errors``. Apps add their routers in ``_register_routers``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import ObjectDoesNotExist
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, Throttled
+from ninja.errors import ValidationError as NinjaValidationError
+
+from config.auth import ApiTokenAuth, BrowserSessionAuth
+from config.errors import CrucibleError, envelope
+from config.ratelimit import TokenRateThrottle
+
+logger = logging.getLogger("crucible.api")
+
+api = NinjaAPI(
+    title="Crucible API",
+    version="1",
+    description=(
+        "Datasets, LoRA training, validation, batch LLM jobs and cost control. "
+        "Authenticate with `Authorization: Token <key>` (or `Bearer <key>`). "
+        "Errors: `{\"error\": {\"code\", \"message\", \"details\", \"request_id\"}}`."
+    ),
+    auth=[ApiTokenAuth(), BrowserSessionAuth()],
+    throttle=[TokenRateThrottle()],
+    urls_namespace="api",
+)
+
+
+def error_response(
+    request: HttpRequest, *, status: int, code: str, message: str, details=None
+) -> HttpResponse:
+    body = envelope(
+        code=code,
+        message=message,
+        details=details,
+        request_id=getattr(request, "request_id", None),
+    )
+    return api.create_response(request, body, status=status)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    422: "validation_error",
+    429: "rate_limited",
+}
+
+
+@api.exception_handler(CrucibleError)
+def _crucible_error(request: HttpRequest, exc: CrucibleError) -> HttpResponse:
+    response = error_response(
+        request, status=exc.status_code, code=exc.code, message=exc.message, details=exc.details
+    )
+    if getattr(exc, "retry_after", None):
+        response["Retry-After"] = str(int(exc.retry_after))
+    return response
+
+
+@api.exception_handler(NinjaValidationError)
+def _validation_error(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
+    fields = [
+        {
+            "loc": [str(p) for p in err.get("loc", [])],
+            "message": err.get("msg", ""),
+            "type": err.get("type", ""),
+        }
+        for err in exc.errors
+    ]
+    return error_response(
+        request,
+        status=422,
+        code="validation_error",
+        message="The request is not valid: " + "; ".join(
+            f"{'.'.join(f['loc'][1:] or f['loc'])}: {f['message']}" for f in fields[:3]
+        ),
+        details={"fields": fields},
+    )
+
+
+@api.exception_handler(AuthenticationError)
+def _authentication_error(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    response = error_response(
+        request,
+        status=401,
+        code="not_authenticated",
+        message="Authentication required: send 'Authorization: Token <key>' "
+        "(or 'Bearer <key>') with a valid API token.",
+    )
+    response["WWW-Authenticate"] = 'Token realm="api"'
+    return response
+
+
+@api.exception_handler(Throttled)
+def _throttled(request: HttpRequest, exc: Throttled) -> HttpResponse:
+    usage = getattr(request, "rate_limit", {}) or {}
+    wait = int(exc.wait or 1)
+    return error_response(
+        request,
+        status=429,
+        code="rate_limited",
+        message=f"Rate limit exceeded; retry in {wait} s.",
+        details={"limit": usage.get("limit"), "retry_after": wait},
+    )
+
+
+@api.exception_handler(HttpError)
+def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    return error_response(request, status=exc.status_code, code=code, message=exc.message)
+
+
+@api.exception_handler(Http404)
+def _not_found(request: HttpRequest, exc: Exception) -> HttpResponse:
+    return error_response(request, status=404, code="not_found", message=str(exc) or "Not found.")
+
+
+@api.exception_handler(ObjectDoesNotExist)
+def _does_not_exist(request: HttpRequest, exc: ObjectDoesNotExist) -> HttpResponse:
+    return error_response(request, status=404, code="not_found", message="Not found.")
+
+
+@api.exception_handler(DjangoPermissionDenied)
+def _forbidden(request: HttpRequest, exc: Exception) -> HttpResponse:
+    return error_response(
+        request,
+        status=403,
+        code="permission_denied",
+        message=str(exc) or "Your role does not allow this action.",
+    )
+
+
+@api.exception_handler(Exception)
+def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    # The traceback goes to the log (with the request ID), never to the client.
+    logger.exception("Unhandled error in %s %s", request.method, request.path)
+    return error_response(
+        request,
+        status=500,
+        code="server_error",
+        message="Something went wrong on our side. Quote the request ID when reporting it.",
+    )
+
+
+def _register_routers() -> None:
+    from config.api_routes import router as core_router
+
+    api.add_router("", core_router)
+
+
+_register_routers()

@@ -1,0 +1,156 @@
+"""Core API routes: who am I, users and roles, tokens, system status."""
+
+
+from datetime import datetime
+
+from django.contrib.auth import get_user_model
+from django.http import HttpRequest
+from ninja import Field, Router, Schema
+from ninja.pagination import PageNumberPagination, paginate
+
+from config import health, services
+from config.auth import requires
+from config.errors import NotFound
+from config.roles import ROLE_CAPABILITIES, Role, role_of
+
+router = Router(tags=["core"])
+User = get_user_model()
+
+USERNAME_PATTERN = r"^[A-Za-z0-9@.+_-]{1,150}$"
+EMAIL_PATTERN = r"^$|^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+
+class ErrorDetail(Schema):
+    code: str
+    message: str
+    details: dict | list
+    request_id: str | None
+
+
+class ErrorOut(Schema):
+    error: ErrorDetail
+
+
+class MeOut(Schema):
+    id: int
+    username: str
+    email: str
+    full_name: str
+    role: Role | None
+    capabilities: list[str]
+
+
+class UserOut(Schema):
+    id: int
+    username: str
+    email: str
+    first_name: str
+    last_name: str
+    role: Role | None
+    is_active: bool
+    date_joined: datetime
+    last_login: datetime | None
+
+    @staticmethod
+    def resolve_role(obj) -> Role | None:
+        return role_of(obj)
+
+
+class UserIn(Schema):
+    username: str = Field(..., pattern=USERNAME_PATTERN)
+    role: Role
+    email: str = Field("", pattern=EMAIL_PATTERN, max_length=254)
+    first_name: str = Field("", max_length=150)
+    last_name: str = Field("", max_length=150)
+    password: str | None = Field(None, min_length=1, description="Omit for a token-only account.")
+
+
+class UserPatch(Schema):
+    role: Role | None = None
+    is_active: bool | None = None
+    email: str | None = Field(None, pattern=EMAIL_PATTERN, max_length=254)
+
+
+class TokenOut(Schema):
+    key: str
+    created: datetime
+    username: str
+
+
+class CheckOut(Schema):
+    status: str
+    latency_ms: float | None = None
+    detail: str = ""
+
+
+class ReadinessOut(Schema):
+    status: str
+    degraded: list[str]
+    checks: dict[str, CheckOut]
+
+
+ERRORS = {401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut}
+
+
+def _get_user(user_id: int):
+    user = User.objects.prefetch_related("groups").filter(pk=user_id).first()
+    if user is None:
+        raise NotFound(f"No user with id {user_id}.", details={"id": user_id})
+    return user
+
+
+@router.get("/me", response={200: MeOut, **ERRORS}, summary="The signed-in user and role")
+def me(request: HttpRequest):
+    user = request.auth
+    role = role_of(user)
+    return {
+        "id": user.pk,
+        "username": user.get_username(),
+        "email": user.email,
+        "full_name": user.get_full_name(),
+        "role": role,
+        "capabilities": sorted(p.split(".", 1)[1] for p in ROLE_CAPABILITIES.get(role, [])),
+    }
+
+
+@router.get("/system/status", response={200: ReadinessOut, **ERRORS}, summary="Readiness checks")
+@requires("view_dashboard")
+def system_status(request: HttpRequest):
+    return health.readiness()
+
+
+@router.get("/users", response={200: list[UserOut], **ERRORS}, summary="List users")
+@requires("manage_users")
+@paginate(PageNumberPagination)
+def users_list(request: HttpRequest):
+    return User.objects.prefetch_related("groups").order_by("username")
+
+
+@router.post("/users", response={201: UserOut, **ERRORS}, summary="Create a user with a role")
+@requires("manage_users")
+def users_create(request: HttpRequest, payload: UserIn):
+    user = services.user_create(actor=request.auth, **payload.dict())
+    return 201, user
+
+
+@router.get("/users/{user_id}", response={200: UserOut, **ERRORS}, summary="One user")
+@requires("manage_users")
+def users_get(request: HttpRequest, user_id: int):
+    return _get_user(user_id)
+
+
+@router.patch("/users/{user_id}", response={200: UserOut, **ERRORS}, summary="Change role or state")
+@requires("manage_users")
+def users_update(request: HttpRequest, user_id: int, payload: UserPatch):
+    user = _get_user(user_id)
+    return services.user_update(user=user, actor=request.auth, **payload.dict(exclude_unset=True))
+
+
+@router.post(
+    "/users/{user_id}/token", response={201: TokenOut, **ERRORS}, summary="Issue a new API token"
+)
+@requires("manage_users")
+def users_token_rotate(request: HttpRequest, user_id: int):
+    user = _get_user(user_id)
+    token = services.user_token_rotate(user=user, actor=request.auth)
+    return 201, {"key": token.key, "created": token.created, "username": user.get_username()}

@@ -1,0 +1,79 @@
+"""Request ID propagation and the structured access log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from django.http import HttpRequest, HttpResponse
+
+from config.logging import bind_context, bind_user, clear_context
+
+access_log = logging.getLogger("crucible.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _incoming_request_id(request: HttpRequest) -> str:
+    value = request.headers.get(REQUEST_ID_HEADER, "")
+    # A caller's ID is kept when it is safe to echo and log; otherwise we make one.
+    return value if _VALID_REQUEST_ID.match(value) else uuid.uuid4().hex
+
+
+class RequestIDMiddleware:
+    """Takes X-Request-ID (or makes one), binds it for logging, and returns it."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        request.request_id = _incoming_request_id(request)
+        request.started_at = time.perf_counter()
+        bind_context(request_id=request.request_id)
+        try:
+            response = self.get_response(request)
+            response[REQUEST_ID_HEADER] = request.request_id
+            return response
+        finally:
+            clear_context()
+
+
+def _user_label(request: HttpRequest) -> str:
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return user.get_username()
+    return "anonymous"
+
+
+class AccessLogMiddleware:
+    """One log line per request with method, path, status, duration, user and request ID."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        # Token-authenticated API requests set request.user inside the API layer.
+        user = _user_label(request)
+        bind_user(user)
+        started = getattr(request, "started_at", time.perf_counter())
+        duration_ms = round((time.perf_counter() - started) * 1000, 1)
+        level = logging.WARNING if response.status_code >= 500 else logging.INFO
+        access_log.log(
+            level,
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            response.status_code,
+            duration_ms,
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "duration_ms": duration_ms,
+            },
+        )
+        return response

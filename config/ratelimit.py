@@ -1,0 +1,50 @@
+"""Per-token API rate limits on a shared counter.
+
+django-ratelimit keeps a fixed-window counter in the default cache (``cache.add`` then
+``cache.incr``): Redis in production, the database cache in the embedded mode, so every
+web process counts against the same number. The limit is ``API_RATE_LIMIT`` ("600/m").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from django.conf import settings
+from django.http import HttpRequest
+from django_ratelimit.core import get_usage
+from ninja.throttling import BaseThrottle
+
+
+def _client_key(_group: str, request: HttpRequest) -> str:
+    token = getattr(request, "api_token", None)
+    if token is not None:
+        return "token:" + hashlib.sha256(token.key.encode()).hexdigest()[:32]
+    user = getattr(request, "auth", None) or getattr(request, "user", None)
+    if user is not None and getattr(user, "is_authenticated", False):
+        return f"user:{user.pk}"
+    return "ip:" + (request.META.get("REMOTE_ADDR") or "unknown")
+
+
+class TokenRateThrottle(BaseThrottle):
+    def __init__(self) -> None:
+        # ninja asks wait() right after allow_request(), on the same thread.
+        self._local = threading.local()
+
+    def allow_request(self, request: HttpRequest) -> bool:
+        usage = get_usage(
+            request,
+            group="api",
+            key=_client_key,
+            rate=settings.API_RATE_LIMIT,
+            method=get_usage.ALL,
+            increment=True,
+        )
+        if usage is None or not usage["should_limit"]:
+            return True
+        request.rate_limit = usage
+        self._local.wait = max(1, usage["time_left"])
+        return False
+
+    def wait(self) -> float | None:
+        return getattr(self._local, "wait", None)
