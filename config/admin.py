@@ -20,7 +20,15 @@ admin.site.unregister(User)
 class CrucibleUserAdmin(UserAdmin):
     """Users with their role (the group they belong to) shown and filterable."""
 
-    list_display = ("username", "email", "first_name", "last_name", _role, "is_active", "last_login")
+    list_display = (
+        "username",
+        "email",
+        "first_name",
+        "last_name",
+        _role,
+        "is_active",
+        "last_login",
+    )
     list_filter = ("groups", "is_active", "is_staff", "is_superuser")
 
     def get_queryset(self, request):

@@ -27,7 +27,7 @@ api = NinjaAPI(
     description=(
         "Datasets, LoRA training, validation, batch LLM jobs and cost control. "
         "Authenticate with `Authorization: Token <key>` (or `Bearer <key>`). "
-        "Errors: `{\"error\": {\"code\", \"message\", \"details\", \"request_id\"}}`."
+        'Errors: `{"error": {"code", "message", "details", "request_id"}}`.'
     ),
     auth=[ApiTokenAuth(), BrowserSessionAuth()],
     throttle=[TokenRateThrottle()],
@@ -84,9 +84,8 @@ def _validation_error(request: HttpRequest, exc: NinjaValidationError) -> HttpRe
         request,
         status=422,
         code="validation_error",
-        message="The request is not valid: " + "; ".join(
-            f"{'.'.join(f['loc'][1:] or f['loc'])}: {f['message']}" for f in fields[:3]
-        ),
+        message="The request is not valid: "
+        + "; ".join(f"{'.'.join(f['loc'][1:] or f['loc'])}: {f['message']}" for f in fields[:3]),
         details={"fields": fields},
     )
 

@@ -1,17 +1,18 @@
 """Core API routes: who am I, users and roles, tokens, system status."""
 
-
 from datetime import datetime
 
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.pagination import PageNumberPagination, paginate
+from ninja.responses import Status
 
 from config import health, services
-from config.auth import requires
+from config.auth import has_capability, requires
 from config.errors import NotFound
-from config.roles import ROLE_CAPABILITIES, Role, role_of
+from config.models import Capability
+from config.roles import Role, role_of
 
 router = Router(tags=["core"])
 User = get_user_model()
@@ -109,48 +110,76 @@ def me(request: HttpRequest):
         "email": user.email,
         "full_name": user.get_full_name(),
         "role": role,
-        "capabilities": sorted(p.split(".", 1)[1] for p in ROLE_CAPABILITIES.get(role, [])),
+        "capabilities": [
+            codename
+            for codename, _ in Capability._meta.permissions
+            if has_capability(user, codename)
+        ],
     }
 
 
-@router.get("/system/status", response={200: ReadinessOut, **ERRORS}, summary="Readiness checks")
-@requires("view_dashboard")
+@router.get(
+    "/system/status",
+    response={200: ReadinessOut, **ERRORS},
+    summary="Readiness checks",
+    auth=requires("view_dashboard"),
+)
 def system_status(request: HttpRequest):
     return health.readiness()
 
 
-@router.get("/users", response={200: list[UserOut], **ERRORS}, summary="List users")
-@requires("manage_users")
+@router.get(
+    "/users",
+    response={200: list[UserOut], **ERRORS},
+    summary="List users",
+    auth=requires("manage_users"),
+)
 @paginate(PageNumberPagination)
 def users_list(request: HttpRequest):
     return User.objects.prefetch_related("groups").order_by("username")
 
 
-@router.post("/users", response={201: UserOut, **ERRORS}, summary="Create a user with a role")
-@requires("manage_users")
+@router.post(
+    "/users",
+    response={201: UserOut, **ERRORS},
+    summary="Create a user with a role",
+    auth=requires("manage_users"),
+)
 def users_create(request: HttpRequest, payload: UserIn):
     user = services.user_create(actor=request.auth, **payload.dict())
-    return 201, user
+    return Status(201, user)
 
 
-@router.get("/users/{user_id}", response={200: UserOut, **ERRORS}, summary="One user")
-@requires("manage_users")
+@router.get(
+    "/users/{user_id}",
+    response={200: UserOut, **ERRORS},
+    summary="One user",
+    auth=requires("manage_users"),
+)
 def users_get(request: HttpRequest, user_id: int):
     return _get_user(user_id)
 
 
-@router.patch("/users/{user_id}", response={200: UserOut, **ERRORS}, summary="Change role or state")
-@requires("manage_users")
+@router.patch(
+    "/users/{user_id}",
+    response={200: UserOut, **ERRORS},
+    summary="Change role or state",
+    auth=requires("manage_users"),
+)
 def users_update(request: HttpRequest, user_id: int, payload: UserPatch):
     user = _get_user(user_id)
     return services.user_update(user=user, actor=request.auth, **payload.dict(exclude_unset=True))
 
 
 @router.post(
-    "/users/{user_id}/token", response={201: TokenOut, **ERRORS}, summary="Issue a new API token"
+    "/users/{user_id}/token",
+    response={201: TokenOut, **ERRORS},
+    summary="Issue a new API token",
+    auth=requires("manage_users"),
 )
-@requires("manage_users")
 def users_token_rotate(request: HttpRequest, user_id: int):
     user = _get_user(user_id)
     token = services.user_token_rotate(user=user, actor=request.auth)
-    return 201, {"key": token.key, "created": token.created, "username": user.get_username()}
+    return Status(
+        201, {"key": token.key, "created": token.created, "username": user.get_username()}
+    )

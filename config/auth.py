@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 from django.http import HttpRequest
 from ninja.security import APIKeyHeader, SessionAuth
 from rest_framework.authtoken.models import Token
@@ -54,19 +51,38 @@ def has_capability(user, capability: str) -> bool:
     return bool(user and user.is_authenticated and user.has_perm(f"core.{capability}"))
 
 
-def requires(capability: str) -> Callable:
-    """Decorator for API operations: 403 unless the caller's role grants ``capability``."""
+_token_auth = ApiTokenAuth()
+_session_auth = BrowserSessionAuth()
 
-    def decorator(view: Callable) -> Callable:
-        @functools.wraps(view)
-        def wrapper(request: HttpRequest, *args, **kwargs):
-            if not has_capability(request.auth, capability):
-                raise PermissionDenied(
-                    "Your role does not allow this action.",
-                    details={"required_permission": capability},
-                )
-            return view(request, *args, **kwargs)
 
-        return wrapper
+class CapabilityAuth(APIKeyHeader):
+    """Authenticate like the API default, then demand a capability of the caller's role.
 
-    return decorator
+    Being an auth callable, it runs before the request body is parsed: a caller without
+    the capability gets 403 whatever they sent, and an anonymous one 401.
+    """
+
+    param_name = "Authorization"
+
+    def __init__(self, capability: str) -> None:
+        self.capability = capability
+        super().__init__()
+
+    def __call__(self, request: HttpRequest):
+        user = _token_auth(request) or _session_auth(request)
+        if not user:
+            return None
+        if not has_capability(user, self.capability):
+            raise PermissionDenied(
+                "Your role does not allow this action.",
+                details={"required_permission": self.capability},
+            )
+        return user
+
+    def authenticate(self, request: HttpRequest, key: str | None):  # pragma: no cover
+        raise NotImplementedError("CapabilityAuth authenticates in __call__")
+
+
+def requires(capability: str) -> list[CapabilityAuth]:
+    """``auth=`` value for an API operation that needs ``capability`` (see config/roles.py)."""
+    return [CapabilityAuth(capability)]

@@ -91,9 +91,7 @@ class ExternalServiceError(CrucibleError):
         self.service = service
         self.transient = transient
         self.retry_after = retry_after
-        super().__init__(
-            message, details=details or {"service": service, "transient": transient}
-        )
+        super().__init__(message, details=details or {"service": service, "transient": transient})
 
 
 def envelope(*, code: str, message: str, details: Any = None, request_id: str | None) -> dict:

@@ -58,7 +58,9 @@ _SECRET_PATTERNS = [
 
 def redact(text: str) -> str:
     text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)} [REDACTED]", text)
-    text = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}[REDACTED]", text)
+    text = _SECRET_PATTERNS[1].sub(
+        lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}[REDACTED]", text
+    )
     return _SECRET_PATTERNS[2].sub(lambda m: f"{m.group(1)}[REDACTED]@", text)
 
 
@@ -66,7 +68,13 @@ def _configured_secrets() -> list[str]:
     try:
         from django.conf import settings
 
-        names = ("SECRET_KEY", "RUNPOD_API_KEY", "HF_TOKEN", "EMAIL_HOST_PASSWORD", "SLACK_WEBHOOK_URL")
+        names = (
+            "SECRET_KEY",
+            "RUNPOD_API_KEY",
+            "HF_TOKEN",
+            "EMAIL_HOST_PASSWORD",
+            "SLACK_WEBHOOK_URL",
+        )
         values = [getattr(settings, n, "") for n in names]
         s3 = settings.STORAGES["default"].get("OPTIONS", {}).get("secret_key")
         values.append(s3 or "")

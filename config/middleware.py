@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from config.logging import bind_context, bind_user, clear_context
 
@@ -23,6 +23,27 @@ def _incoming_request_id(request: HttpRequest) -> str:
     return value if _VALID_REQUEST_ID.match(value) else uuid.uuid4().hex
 
 
+def _api_envelope_for(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    """Safety net: an error answered under /api/ by Django itself (405, CSRF, 413...)
+    leaves in the API's envelope like every other error."""
+    if response.status_code < 400 or not request.path.startswith("/api/"):
+        return response
+    if response.get("Content-Type", "").startswith("application/json"):
+        return response
+    from config.errors import envelope
+
+    phrase = response.reason_phrase or "Error"
+    code = phrase.lower().replace(" ", "_").replace("-", "_")
+    wrapped = JsonResponse(
+        envelope(code=code, message=f"{phrase}.", request_id=request.request_id),
+        status=response.status_code,
+    )
+    for header in ("Allow", "Retry-After", "WWW-Authenticate"):
+        if header in response:
+            wrapped[header] = response[header]
+    return wrapped
+
+
 class RequestIDMiddleware:
     """Takes X-Request-ID (or makes one), binds it for logging, and returns it."""
 
@@ -34,7 +55,7 @@ class RequestIDMiddleware:
         request.started_at = time.perf_counter()
         bind_context(request_id=request.request_id)
         try:
-            response = self.get_response(request)
+            response = _api_envelope_for(request, self.get_response(request))
             response[REQUEST_ID_HEADER] = request.request_id
             return response
         finally:

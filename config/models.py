@@ -20,3 +20,6 @@ class Capability(models.Model):
             ("override_budgets", "Start a job over budget, with a recorded reason"),
             ("manage_users", "Create users, change roles and issue API tokens"),
         ]
+
+    def __str__(self) -> str:
+        return "Crucible capabilities"

@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "ninja",
     "rest_framework",
     "rest_framework.authtoken",
     "django_celery_results",
@@ -277,7 +278,9 @@ USE_TZ = True
 
 # --- Logging ----------------------------------------------------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
-LOG_FORMAT = env.str("LOG_FORMAT", default="json" if env.str("DATABASE_URL", default="") else "text")
+LOG_FORMAT = env.str(
+    "LOG_FORMAT", default="json" if env.str("DATABASE_URL", default="") else "text"
+)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

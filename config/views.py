@@ -70,9 +70,7 @@ def _is_api(request: HttpRequest) -> bool:
 
 
 def _json_error(request: HttpRequest, status: int, code: str, message: str) -> JsonResponse:
-    body = envelope(
-        code=code, message=message, request_id=getattr(request, "request_id", None)
-    )
+    body = envelope(code=code, message=message, request_id=getattr(request, "request_id", None))
     return JsonResponse(body, status=status)
 
 
@@ -100,7 +98,9 @@ def server_error(request: HttpRequest) -> HttpResponse:
             request, 500, "server_error", "Something went wrong on our side. Quote the request ID."
         )
     # No template context processors here: the failure may be in one of them.
-    return render(request, "500.html", {"request_id": getattr(request, "request_id", "")}, status=500)
+    return render(
+        request, "500.html", {"request_id": getattr(request, "request_id", "")}, status=500
+    )
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:

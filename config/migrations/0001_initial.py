@@ -4,22 +4,33 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Capability',
+            name="Capability",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
             ],
             options={
-                'permissions': [('view_dashboard', 'Read datasets, jobs, evaluations and budgets'), ('run_jobs', 'Upload datasets; create, start, cancel and retry jobs'), ('score_validations', 'Score validation responses as a rater'), ('approve_validations', 'Approve or reject validation reports'), ('manage_budgets', 'Set monthly budgets and alert thresholds'), ('override_budgets', 'Start a job over budget, with a recorded reason'), ('manage_users', 'Create users, change roles and issue API tokens')],
-                'managed': False,
-                'default_permissions': (),
+                "permissions": [
+                    ("view_dashboard", "Read datasets, jobs, evaluations and budgets"),
+                    ("run_jobs", "Upload datasets; create, start, cancel and retry jobs"),
+                    ("score_validations", "Score validation responses as a rater"),
+                    ("approve_validations", "Approve or reject validation reports"),
+                    ("manage_budgets", "Set monthly budgets and alert thresholds"),
+                    ("override_budgets", "Start a job over budget, with a recorded reason"),
+                    ("manage_users", "Create users, change roles and issue API tokens"),
+                ],
+                "managed": False,
+                "default_permissions": (),
             },
         ),
     ]
