@@ -52,7 +52,7 @@ _SECRET_PATTERNS = [
         r"(?i)\b([a-z_]*(?:secret|password|passwd|api_key|apikey|access_key|token)[a-z_]*)"
         r"(\s*[=:]\s*)(['\"]?)[^\s'\",;&]+"
     ),
-    re.compile(r"(?i)(://[^:/@\s]+:)[^@/\s]+@"),
+    re.compile(r"(?i)(://[^:/@\s]*:)[^@/\s]+@"),
 ]
 
 

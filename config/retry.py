@@ -27,7 +27,7 @@ def is_transient(exc: BaseException) -> bool:
 
 class _WaitHonouringRetryAfter:
     def __init__(self, initial: float, maximum: float):
-        self._backoff = wait_exponential_jitter(initial=initial, max=maximum, jitter=initial)
+        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
         self._maximum = maximum
 
     def __call__(self, state: RetryCallState) -> float:

@@ -63,3 +63,64 @@ def assert_envelope(response, status: int, code: str | None = None) -> dict:
     if code:
         assert error["code"] == code, error
     return error
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """PBKDF2 is slow on purpose; tests don't need it."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible endpoint on loopback: CI's moto server, or one started here."""
+    import os
+
+    if os.environ.get("S3_ENDPOINT_URL"):
+        yield os.environ["S3_ENDPOINT_URL"]
+        return
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_endpoint, settings):
+    """Point default storage at a fresh bucket on the loopback S3 server."""
+    import uuid
+
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **creds)
+    client.create_bucket(Bucket=bucket)
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": bucket,
+                "endpoint_url": s3_endpoint,
+                "region_name": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+                "addressing_style": "path",
+                "file_overwrite": True,
+                "default_acl": None,
+            },
+        },
+    }
+    yield {"bucket": bucket, "client": client}

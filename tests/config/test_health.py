@@ -2,11 +2,10 @@
 
 import time
 
+import pytest
 from django.db import OperationalError
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test import Client
-
-import pytest
 
 from config import health
 from config.celery import app as celery_app
