@@ -1,0 +1,73 @@
+# Crucible. `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: help install browser migrate demo demo-setup serve worker beat test lint format bench clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(STAMP)  ## Create .venv and install Crucible with its development tools
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip wheel
+	# torch first and pinned: 2.13.0 is the CPU build here; an unpinned torch pulls CUDA.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+browser:  ## Install Debian's Chromium and ChromeDriver for the browser tests (needs root)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "Chromium not installed and not root: browser tests will be skipped."; fi
+
+migrate: install  ## Apply database migrations (creates the embedded SQLite database)
+	$(PY) manage.py migrate --noinput
+
+demo-setup: migrate
+	$(PY) manage.py demo_setup
+
+demo: demo-setup  ## Install, migrate, create the demo user and token, then serve with a worker
+	@echo "Dashboard: http://$(HOST):$(PORT)/  (sign in as demo / crucible-demo)"
+	@mkdir -p var/log
+	@$(VENV)/bin/celery -A config worker -B --loglevel=INFO --concurrency=2 > var/log/worker.log 2>&1 & \
+	worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
+	echo "Worker and scheduler running (pid $$worker, log var/log/worker.log)"; \
+	$(PY) manage.py runserver $(HOST):$(PORT) --noreload
+
+serve: migrate  ## Serve the dashboard and API with gunicorn
+	$(VENV)/bin/gunicorn config.wsgi --bind $(HOST):$(PORT) --workers $${WEB_CONCURRENCY:-3} --access-logfile /dev/null
+
+worker: install  ## Run a Celery worker (set CELERY_BEAT=1 to embed the scheduler)
+	$(VENV)/bin/celery -A config worker --loglevel=INFO $(if $(CELERY_BEAT),-B,)
+
+beat: install  ## Run the Celery beat scheduler on its own
+	$(VENV)/bin/celery -A config beat --loglevel=INFO
+
+test: install browser  ## Install everything and run the whole suite
+	$(PY) -m pytest
+
+lint: install  ## ruff, formatting and migrations checks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) manage.py makemigrations --check --dry-run
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install  ## Run the benchmarks (each prints a ratio against its baseline)
+	$(PY) bench/run.py
+
+clean:  ## Remove the virtual environment and local data (var/)
+	rm -rf $(VENV) var
