@@ -80,6 +80,7 @@ def driver():
     options.binary_location = chromium
     for arg in [*CHROME_ARGS, f"--user-data-dir={profile}"]:
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
         browser = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     except Exception as exc:  # the binary exists but cannot start here
@@ -136,6 +137,11 @@ def _shoot(browser, name: str) -> Path:
     return path
 
 
+def _console_errors(browser) -> list[str]:
+    """Severe console entries since the last call (failed static files, script errors)."""
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
 def _stylesheet_applied(browser) -> bool:
     """True when crucible.css was fetched and applied (its tokens are defined)."""
     return bool(
@@ -175,6 +181,22 @@ def test_sign_in_lands_on_overview(browser, live_server, ada):
     assert "Operational" in database.text
     assert database.find_elements(By.CSS_SELECTOR, ".dot-ok")
     assert "Background worker" in status.text
+    assert browser.execute_script("return typeof htmx") == "object", "htmx did not load"
+    assert _console_errors(browser) == []
+
+    # The status block refreshes itself through htmx: force one refresh now.
+    browser.execute_script(
+        "document.getElementById('system-status').dataset.stale = '1';"
+        "htmx.ajax('GET', '/?part=status', {target: '#system-status', swap: 'outerHTML'});"
+    )
+    _wait(browser).until(
+        lambda b: b.execute_script(
+            "const el = document.getElementById('system-status');"
+            "return el && !el.dataset.stale && el.textContent.includes('Operational');"
+        )
+    )
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#system-status .status-card")) == 5
+    assert len(browser.find_elements(By.TAG_NAME, "h1")) == 1, "the partial came back whole"
 
     toggle = browser.find_element(By.CSS_SELECTOR, ".menu-toggle")
     assert not toggle.is_displayed(), "the nav toggle is for narrow screens only"
