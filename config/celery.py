@@ -24,8 +24,10 @@ def _propagate_request_id(headers=None, **_kwargs):
 def _bind_request_id(task=None, **_kwargs):
     from config.logging import bind_context
 
-    request_id = getattr(task.request, "request_id", None) if task else None
-    bind_context(request_id=request_id or f"task-{task.request.id}" if task else None, user="-")
+    if task is None:
+        return
+    request_id = getattr(task.request, "request_id", None) or f"task-{task.request.id}"
+    bind_context(request_id=request_id, user="-")
 
 
 @signals.task_postrun.connect
@@ -33,3 +35,11 @@ def _unbind_request_id(**_kwargs):
     from config.logging import clear_context
 
     clear_context()
+
+
+@signals.worker_ready.connect
+def _announce_worker(**_kwargs):
+    """A worker that just started is alive: show it at once instead of after a beat period."""
+    from config.tasks import worker_heartbeat
+
+    worker_heartbeat()

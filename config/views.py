@@ -41,7 +41,7 @@ def _worker_status() -> dict:
 
 @dashboard_view
 def overview(request: HttpRequest) -> HttpResponse:
-    context = {"readiness": health.readiness(), "worker": _worker_status()}
+    context = {"section": "overview", "readiness": health.readiness(), "worker": _worker_status()}
     if request.htmx and request.GET.get("part") == "status":
         return render(request, "overview.html#status", context)
     tasks = TaskResult.objects.only("task_id", "task_name", "status", "date_created", "date_done")
