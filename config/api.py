@@ -156,8 +156,10 @@ def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 def _register_routers() -> None:
     from config.api_routes import router as core_router
+    from corpora.api import router as corpora_router
 
     api.add_router("", core_router)
+    api.add_router("", corpora_router)
 
 
 _register_routers()
