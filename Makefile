@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: help install browser migrate demo demo-setup serve worker beat test lint format bench clean
+.PHONY: help install browser migrate demo demo-setup demo-train serve worker beat test lint format bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,7 +40,12 @@ migrate: install  ## Apply database migrations (creates the embedded SQLite data
 demo-setup: migrate
 	$(PY) manage.py demo_setup
 
-demo: demo-setup  ## Install, migrate, create the demo user and token, then serve with a worker
+demo-train: demo-setup  ## Train the Smoke preset on the sample file, end to end, on this machine
+	@$(PY) manage.py train --file samples/training/financial_advisor_v1.jsonl --preset smoke \
+		--user demo --name "Demo: Elena Morales smoke run" --tag demo \
+		|| echo "The demo training job failed: the dashboard shows why."
+
+demo: demo-train  ## Install, migrate, demo user and token, train one real LoRA job, then serve
 	@echo "Dashboard: http://$(HOST):$(PORT)/  (sign in as demo / crucible-demo)"
 	@mkdir -p var/log
 	@$(VENV)/bin/celery -A config worker -B --loglevel=INFO --concurrency=2 > var/log/worker.log 2>&1 & \

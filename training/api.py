@@ -59,6 +59,15 @@ class JobIn(Schema):
     notes: str = ""
     tags: list[str] = Field(default_factory=list, max_length=20)
     start: bool = Field(False, description="Start at once")
+    override_reason: str = Field(
+        "", max_length=500, description="Admin override of a budget refusal"
+    )
+
+
+class StartIn(Schema):
+    override_reason: str = Field(
+        "", max_length=500, description="Admin override of a budget refusal"
+    )
 
 
 class JobPatch(Schema):
@@ -284,7 +293,9 @@ def jobs_create(request: HttpRequest, payload: JobIn):
         spot=payload.spot,
     )
     if payload.start:
-        services.training_job_start(job=job, user=request.auth)
+        services.training_job_start(
+            job=job, user=request.auth, override_reason=payload.override_reason
+        )
     return Status(201, _job(job.pk, detail=True))
 
 
@@ -318,8 +329,11 @@ def jobs_delete(request: HttpRequest, job_id: UUID):
 @router.post(
     "/training/jobs/{job_id}/start", response={200: JobOut, **ERRORS}, auth=requires("run_jobs")
 )
-def jobs_start(request: HttpRequest, job_id: UUID):
-    services.training_job_start(job=_job(job_id), user=request.auth)
+def jobs_start(request: HttpRequest, job_id: UUID, override_reason: str = ""):
+    """Start a pending job. ``override_reason`` (admins) starts it over the budget."""
+    services.training_job_start(
+        job=_job(job_id), user=request.auth, override_reason=override_reason[:500]
+    )
     return _job(job_id, detail=True)
 
 

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from billing import hooks as billing_hooks
 from config.errors import Conflict, InvalidInput, NotAuthenticated
 from config.storage import (
     storage_path_from_uri,
@@ -78,6 +79,7 @@ def _transition(job: TrainingJob, to: str, *, reason: str = "", **fields) -> Tra
     updates = {"status": to, "updated_at": now, **fields}
     if to in TERMINAL_STATUSES:
         updates.setdefault("completed_at", now)
+        transaction.on_commit(lambda: billing_hooks.job_finished(job=job))
     if TrainingJob.objects.filter(pk=job.pk, status=current).update(**updates) != 1:
         job.refresh_from_db()
         raise Conflict(
@@ -130,7 +132,7 @@ def training_job_create(
         context_length=base_model.context_length,
     )
     clean_tags = sorted({t.strip().lower() for t in tags if t and t.strip()})
-    return TrainingJob.objects.create(
+    job = TrainingJob.objects.create(
         name=name.strip() or f"{base_model.display_name} on {training_file.name}",
         description=description,
         notes=notes,
@@ -144,20 +146,27 @@ def training_job_create(
         spot=spot,
         created_by=user,
     )
+    estimate = billing_hooks.estimate_for_job(job=job)
+    if estimate is not None:
+        TrainingJob.objects.filter(pk=job.pk).update(cost_estimate=estimate)
+        job.cost_estimate = estimate
+    return job
 
 
 def training_job_start(
-    *, job: TrainingJob, user: AbstractUser | None, enqueue: bool = True
+    *,
+    job: TrainingJob,
+    user: AbstractUser | None,
+    enqueue: bool = True,
+    override_reason: str = "",
 ) -> TrainingJob:
     with transaction.atomic():
+        billing_hooks.before_start(job=job, user=user, override_reason=override_reason)
         _transition(
             job, S.QUEUED, reason=f"started by {user or 'system'}", queued_at=timezone.now()
         )
         if enqueue:
-            from training.tasks import launch_training_job
-
-            job_id = str(job.pk)
-            transaction.on_commit(lambda: launch_training_job.delay(job_id))
+            _enqueue_launch(job)
     return job
 
 
@@ -216,6 +225,18 @@ def training_job_retry(
 
 
 # --- Launch and recovery ------------------------------------------------------------------------
+
+
+def _enqueue_launch(job: TrainingJob) -> None:
+    """Launch after the current transaction commits: through Celery, or in this process
+    when TRAINING_LAUNCH_INLINE is set (the `train` command, which runs without a worker)."""
+    job_id = str(job.pk)
+    if settings.TRAINING_LAUNCH_INLINE:
+        transaction.on_commit(lambda: training_job_launch(job_id=job_id))
+        return
+    from training.tasks import launch_training_job
+
+    transaction.on_commit(lambda: launch_training_job.delay(job_id))
 
 
 def _webhook_url() -> str:
@@ -339,10 +360,7 @@ def _recover(job: TrainingJob, *, reason: str) -> TrainingJob:
             detected_at=timezone.now(),
             from_step=newest.step if newest else None,
         )
-        from training.tasks import launch_training_job
-
-        job_id = str(job.pk)
-        transaction.on_commit(lambda: launch_training_job.delay(job_id))
+        _enqueue_launch(job)
     return job
 
 
@@ -350,6 +368,7 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
     """Compare every running job with its executor; recover interruptions, detect silence."""
     now = now or timezone.now()
     summary = {"checked": 0, "recovered": 0, "killed": 0}
+    billing_hooks.accrue(now=now)
     grace = timedelta(seconds=settings.TRAINING_CANCEL_GRACE_S)
     # Cancelled jobs whose worker ignores SIGTERM get killed after the grace period.
     for job in TrainingJob.objects.filter(

@@ -119,7 +119,5 @@ def test_s3_downloads_redirect_to_an_expiring_signed_link(
     assert response.status_code == 302
     location = response["Location"]
     assert (
-        (s3_storage["bucket"] in location
-        and "Expires=" in location)
-        or "X-Amz-Expires=600" in location
-    )
+        s3_storage["bucket"] in location and "Expires=" in location
+    ) or "X-Amz-Expires=600" in location
