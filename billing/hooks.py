@@ -1,24 +1,66 @@
-"""How training calls into billing. The billing issue fills these in; until then they
-only keep the interface (no estimate, no budget check, nothing accrued)."""
+"""How training calls into billing (training/services.py calls these four)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from decimal import Decimal
 
+from django.db import transaction
+
+from config.errors import CrucibleError
+
+logger = logging.getLogger("crucible.billing")
+
 
 def estimate_for_job(*, job) -> Decimal | None:
-    """Estimated cost of ``job`` before it starts (stored on job.cost_estimate)."""
-    return None
+    """Estimated cost of ``job`` before it starts (stored on job.cost_estimate).
+
+    None when it cannot be priced (a GPU type missing from the catalog); starting such a
+    job is then refused with the reason.
+    """
+    from billing.services import job_cost_record
+
+    try:
+        return job_cost_record(job=job).estimate_cost
+    except CrucibleError as exc:
+        logger.warning("no estimate for job %s: %s", job.pk, exc.message)
+        return None
 
 
 def before_start(*, job, user, override_reason: str = "") -> None:
-    """Raise config.errors.Conflict to refuse a start (over budget, needs approval)."""
+    """Refuse a start over budget or needing approval (config.errors.Conflict); else
+    reserve the job's estimated cost."""
+    from billing.services import job_start_check
+
+    job_start_check(job=job, user=user, override_reason=override_reason)
 
 
 def accrue(*, now: datetime) -> None:
-    """Accrue live cost of running jobs; stop jobs at the hard cap (called by reconcile)."""
+    """Accrue live cost of running jobs; alerts; stop jobs at the hard cap."""
+    from billing.services import costs_accrue
+
+    try:
+        costs_accrue(now=now)
+    except Exception:  # billing must never stop reconcile from recovering jobs
+        logger.exception("cost accrual failed")
 
 
 def job_finished(*, job) -> None:
-    """A job reached completed, failed or cancelled (notifications, final cost)."""
+    """A job reached completed, failed or cancelled: final cost, then notifications."""
+    from billing.services import job_finalize
+    from billing.tasks import notify_job_finished
+
+    try:
+        job_finalize(job=job)
+    except Exception:
+        logger.exception("final cost of job %s failed", job.pk)
+    job_id = str(job.pk)
+
+    def enqueue() -> None:
+        try:
+            notify_job_finished.delay(job_id)
+        except Exception:
+            logger.exception("could not queue the notification of job %s", job_id)
+
+    transaction.on_commit(enqueue)

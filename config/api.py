@@ -155,6 +155,7 @@ def _server_error(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 
 def _register_routers() -> None:
+    from billing.api import router as billing_router
     from config.api_routes import router as core_router
     from corpora.api import router as corpora_router
     from training.api import router as training_router
@@ -162,6 +163,7 @@ def _register_routers() -> None:
     api.add_router("", core_router)
     api.add_router("", corpora_router)
     api.add_router("", training_router)
+    api.add_router("", billing_router)
 
 
 _register_routers()

@@ -217,6 +217,10 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "worker-heartbeat": {"task": "config.tasks.worker_heartbeat", "schedule": 60.0},
     "reconcile-training-jobs": {"task": "training.tasks.reconcile_training_jobs", "schedule": 20.0},
+    "refresh-gpu-prices": {
+        "task": "billing.tasks.refresh_gpu_prices",
+        "schedule": crontab(minute=0),
+    },
     "purge-expired-task-results": {
         "task": "celery.backend_cleanup",
         "schedule": crontab(hour=4, minute=0),
@@ -276,8 +280,17 @@ CRUCIBLE_PUBLIC_URL = env.str("CRUCIBLE_PUBLIC_URL", default="http://127.0.0.1:8
 TRAINING_HEARTBEAT_TIMEOUT_S = env.int("TRAINING_HEARTBEAT_TIMEOUT_S", default=300)
 TRAINING_MAX_RECOVERIES = env.int("TRAINING_MAX_RECOVERIES", default=3)
 TRAINING_CANCEL_GRACE_S = env.int("TRAINING_CANCEL_GRACE_S", default=120)
+# Launch workers in the calling process instead of through Celery (the `train` command).
+TRAINING_LAUNCH_INLINE = env.bool("TRAINING_LAUNCH_INLINE", default=False)
 # Converted offline model weights (shared by every local worker).
 TRAINING_MODEL_CACHE = env.str("CRUCIBLE_MODEL_CACHE", default=str(DATA_DIR / "models"))
+
+# --- Billing (defaults and meaning in billing/conf.py) -----------------------------------------
+BILLING_MONTHLY_BUDGET = env.float("BILLING_MONTHLY_BUDGET", default=500.0)
+BILLING_APPROVAL_THRESHOLD = env.float("BILLING_APPROVAL_THRESHOLD", default=150.0)
+BILLING_HARD_CAP_PERCENT = env.float("BILLING_HARD_CAP_PERCENT", default=100.0)
+BILLING_VARIANCE_ALERT_PERCENT = env.float("BILLING_VARIANCE_ALERT_PERCENT", default=20.0)
+BILLING_ALERT_EMAILS = env.list("BILLING_ALERT_EMAILS", default=[])
 
 # --- External services (used by later parts; listed here so readiness can report them) --------
 RUNPOD_API_KEY = env.str("RUNPOD_API_KEY", default="")

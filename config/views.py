@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
+from django.db.models import F
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
-from django_celery_results.models import TaskResult
 
 from config import health
 from config.errors import envelope
 from config.tasks import last_worker_heartbeat
 
-ACTIVE_STATES = ("PENDING", "RECEIVED", "STARTED", "RETRY")
 WORKER_STALE_AFTER_S = 180
 
 
@@ -44,10 +43,15 @@ def overview(request: HttpRequest) -> HttpResponse:
     context = {"section": "overview", "readiness": health.readiness(), "worker": _worker_status()}
     if request.htmx and request.GET.get("part") == "status":
         return render(request, "overview.html#status", context)
-    tasks = TaskResult.objects.only("task_id", "task_name", "status", "date_created", "date_done")
+    from training.models import TERMINAL_STATUSES, TrainingJob
+
+    jobs = TrainingJob.objects.for_list()
+    finished = jobs.filter(status__in=TERMINAL_STATUSES).order_by(
+        F("completed_at").desc(nulls_last=True), "-created_at"
+    )
     context |= {
-        "active_tasks": list(tasks.filter(status__in=ACTIVE_STATES).order_by("-date_created")[:10]),
-        "recent_tasks": list(tasks.exclude(status__in=ACTIVE_STATES).order_by("-date_done")[:10]),
+        "active_jobs": list(TrainingJob.objects.active().for_list()[:10]),
+        "recent_jobs": list(finished[:10]),
     }
     return render(request, "overview.html", context)
 

@@ -34,10 +34,18 @@ def test_worker_heartbeat_records_the_time():
     assert last_worker_heartbeat() is not None
 
 
+def _reset_connection_pools():
+    """Producers cached by earlier .delay() calls would keep the old broker folder."""
+    app.pool.force_close_all()
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
 @pytest.fixture
 def isolated_broker(tmp_path):
     """Filesystem broker in a temporary folder (the configured Redis broker is used as is)."""
     original = dict(app.conf.broker_transport_options)
+    _reset_connection_pools()
     if app.conf.broker_url.startswith("filesystem"):
         folder = str(tmp_path / "queue")
         app.conf.broker_transport_options = {
@@ -48,8 +56,11 @@ def isolated_broker(tmp_path):
         }
         (tmp_path / "queue").mkdir()
         (tmp_path / "processed").mkdir()
+        app.conf.broker_transport_options["control_folder"] = str(tmp_path / "control")
+        (tmp_path / "control").mkdir()
     yield
     app.conf.broker_transport_options = original
+    _reset_connection_pools()
 
 
 @pytest.mark.django_db(transaction=True)

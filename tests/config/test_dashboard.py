@@ -2,7 +2,6 @@
 
 import pytest
 from django.test import Client
-from django_celery_results.models import TaskResult
 
 from config.roles import Role
 from tests.factories import PASSWORD, UserFactory
@@ -92,19 +91,72 @@ def test_overview_status_partial_for_htmx():
         assert name in html
 
 
-@pytest.mark.django_db(transaction=True)
-def test_overview_lists_active_and_recent_tasks_with_bounded_queries(
+def _training_jobs(count: int, **fields) -> list:
+    """``count`` training jobs with the given fields (status, perplexity, error...)."""
+    import io
+
+    from corpora.services import training_file_create
+    from tests.training.conftest import conversations
+    from training.models import BaseModel, Preset, TrainingJob
+    from training.services import training_job_create
+
+    training_file = training_file_create(
+        name=f"file-{TrainingJob.objects.count()}", upload=io.BytesIO(conversations()), user=None
+    )
+    base_model = BaseModel.objects.get(name="SmolLM2-135M-Instruct")
+    preset = Preset.objects.get(key="smoke")
+    jobs = []
+    for i in range(count):
+        job = training_job_create(
+            user=UserFactory(role=Role.ENGINEER),
+            training_file=training_file,
+            base_model=base_model,
+            preset=preset,
+            name=f"{fields.get('status', 'pending')} job {i}",
+        )
+        TrainingJob.objects.filter(pk=job.pk).update(**fields)
+        jobs.append(job)
+    return jobs
+
+
+@pytest.mark.django_db
+def test_overview_lists_active_and_recent_training_jobs_with_bounded_queries(
     django_assert_max_num_queries,
 ):
+    from django.utils import timezone
+
     client, _ = signed_in()
-    for i in range(15):
-        TaskResult.objects.create(task_id=f"done-{i}", task_name="training.run", status="SUCCESS")
-        TaskResult.objects.create(task_id=f"run-{i}", task_name="jobs.batch", status="STARTED")
+    _training_jobs(12, status="training", progress=40.0, current_step=8, total_steps=20)
+    _training_jobs(
+        12,
+        status="completed",
+        completed_at=timezone.now(),
+        perplexity_baseline=24.5,
+        perplexity_trained=16.8,
+    )
+    _training_jobs(
+        1,
+        status="failed",
+        completed_at=timezone.now(),
+        error_type="OutOfMemoryError",
+        error_details={"title": "Out of GPU memory"},
+    )
+    _training_jobs(3, status="pending")  # neither running nor finished: on neither list
     with django_assert_max_num_queries(12):
         response = client.get("/")
     html = response.content.decode()
-    assert "training.run" in html and "jobs.batch" in html
-    assert html.count("badge-success") == 10 and html.count("badge-started") == 10
+    assert html.count("badge-training") == 10  # the ten newest active jobs
+    assert html.count("badge-completed") + html.count("badge-failed") == 10
+    assert "OutOfMemoryError" in html and "Out of GPU memory" in html
+    assert "Perplexity 24.5 → 16.8" in html and "(31% better)" in html
+    assert 'href="/training/' in html and "pending job" not in html
+
+
+@pytest.mark.django_db
+def test_overview_without_jobs_shows_empty_states():
+    client, _ = signed_in()
+    html = client.get("/").content.decode()
+    assert "Nothing running" in html and "No results yet" in html
 
 
 @pytest.mark.django_db

@@ -96,8 +96,8 @@ def test_smoke_job_on_the_sample_file_completes_through_the_api(engineer_api, tm
     assert stages.index("model_loading") < stages.index("training")
     # Metrics history stored, one point per logged step up to the planned total.
     steps = list(MetricPoint.objects.filter(job=job).values_list("step", flat=True))
-    assert steps[-1] == job.total_steps == job.current_step == 24
-    assert MetricPoint.objects.filter(job=job, train_loss__isnull=False).count() >= 20
+    assert steps[-1] == job.total_steps == job.current_step == 12
+    assert MetricPoint.objects.filter(job=job, train_loss__isnull=False).count() >= 10
     assert MetricPoint.objects.filter(job=job, tokens_per_second__isnull=False).exists()
     # The adapter beats the base model on the held-out split.
     assert job.perplexity_trained < job.perplexity_baseline, (
@@ -186,7 +186,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_completes(engineer_api)
     check = job.resume_check
     assert check["passed"] is True, check
     assert check["resumed_from_step"] == recovery.from_step
-    assert job.current_step == job.total_steps == 24
+    assert job.current_step == job.total_steps == 12
     assert job.attempt == 2
 
 

@@ -43,9 +43,9 @@ def test_create_resolves_the_preset_with_overrides(engineer, training_file):
     body = response.json()
     assert body["status"] == "pending"
     assert body["configuration"]["hyperparameters"]["lora_r"] == 4
-    assert body["configuration"]["hyperparameters"]["max_steps"] == 24  # from the Smoke preset
+    assert body["configuration"]["hyperparameters"]["max_steps"] == 12  # from the Smoke preset
     assert body["configuration"]["validation_split"] == 0.25
-    assert body["configuration"]["checkpoint_every_steps"] == 8
+    assert body["configuration"]["checkpoint_every_steps"] == 6
     assert body["tags"] == ["client-a", "smoke"]
     assert body["created_by"] == engineer.user.username
 
@@ -120,7 +120,7 @@ def test_start_queues_and_launches_once(engineer, training_file, fake_executor):
     assert spec["job_id"] == job_id and spec["resume"] is True
     assert spec["webhook"]["secret"] == job.webhook_secret
     assert spec["training_file"]["sha256"] == training_file.sha256
-    assert spec["hyperparameters"]["max_steps"] == 24
+    assert spec["hyperparameters"]["max_steps"] == 12
     # Starting twice is a conflict; the launch task run twice does nothing more.
     assert_envelope(engineer.post(f"training/jobs/{job_id}/start"), 409, "conflict")
     from training.services import training_job_launch

@@ -11,6 +11,7 @@ same reconcile step as the scheduler (so an interrupted worker is resumed here t
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -81,6 +82,8 @@ class Command(BaseCommand):
             services.training_job_start(job=job, user=job.created_by)
             self.stdout.write("Started; a Celery worker launches it. Follow it in the dashboard.")
             return
+        # One line per webhook would drown the progress bar.
+        logging.getLogger("crucible.access").setLevel(logging.WARNING)
         server = self._serve_webhooks()
         try:
             settings.TRAINING_LAUNCH_INLINE = True
@@ -159,17 +162,21 @@ class Command(BaseCommand):
     def _follow(self, job: TrainingJob, timeout: int) -> TrainingJob:
         started = time.monotonic()
         last_reconcile = 0.0
+        last_shown = None
         bar = tqdm(total=job.total_steps or 1, unit="step", desc="pending", dynamic_ncols=True)
         try:
             while True:
                 job.refresh_from_db()
-                if job.total_steps and bar.total != job.total_steps:
-                    bar.total = job.total_steps
-                bar.n = job.current_step
                 loss = job.latest_metrics.get("train_loss")
-                bar.set_description(job.get_status_display())
-                bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", refresh=False)
-                bar.refresh()
+                shown = (job.status, job.current_step, job.total_steps, loss)
+                if shown != last_shown:  # redraw on change only (quiet when not a terminal)
+                    if job.total_steps:
+                        bar.total = job.total_steps
+                    bar.n = job.current_step
+                    bar.set_description(job.get_status_display())
+                    bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", refresh=False)
+                    bar.refresh()
+                    last_shown = shown
                 if job.is_terminal:
                     return job
                 if time.monotonic() - last_reconcile > RECONCILE_EVERY_S:

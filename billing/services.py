@@ -1,0 +1,892 @@
+"""Billing workflows: prices, estimates, budgets, enforcement, live cost, alerts, the ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections import defaultdict
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractUser
+from django.contrib.contenttypes.models import ContentType
+from django.db import IntegrityError, transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from billing import conf
+from billing.estimates import Estimate, estimate, held_intervals, money, reestimate_running
+from billing.models import (
+    AuditEntry,
+    BudgetAlert,
+    GpuPrice,
+    JobCost,
+    LedgerEntry,
+    MonthlyBudget,
+)
+from config.auth import has_capability
+from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+
+logger = logging.getLogger("crucible.billing")
+
+CENT = Decimal("0.01")
+MICRO = Decimal("0.000001")
+
+
+# --- Months -------------------------------------------------------------------------------------
+
+
+def month_start(value: date | datetime | None = None) -> date:
+    if value is None:
+        value = timezone.now()
+    if isinstance(value, datetime):
+        value = timezone.localtime(value).date()
+    return value.replace(day=1)
+
+
+def parse_month(value: str | None) -> date:
+    """'2026-11' (or None for this month) -> date(2026, 11, 1)."""
+    if not value:
+        return month_start()
+    try:
+        year, month = value.split("-")[:2]
+        return date(int(year), int(month), 1)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"month must look like 2026-11, not {value!r}.") from exc
+
+
+# --- Prices -------------------------------------------------------------------------------------
+
+
+def gpu_type_resolve(*, gpu_type: str, executor: str) -> str:
+    if gpu_type:
+        return gpu_type
+    return conf.local_gpu_type() if executor == "local" else conf.runpod_gpu_type()
+
+
+def gpu_price_get(*, gpu_type: str, executor: str = "runpod") -> GpuPrice:
+    resolved = gpu_type_resolve(gpu_type=gpu_type, executor=executor)
+    price = GpuPrice.objects.filter(gpu_type=resolved, is_active=True).first()
+    if price is None:
+        known = list(GpuPrice.objects.filter(is_active=True).values_list("gpu_type", flat=True))
+        raise InvalidInput(
+            f"No price for GPU type '{resolved}'. Known types: {', '.join(known)}; "
+            "an admin can add one to the price catalog.",
+            details={"gpu_type": resolved, "known": known},
+        )
+    return price
+
+
+def gpu_prices_refresh(*, user: AbstractUser | None = None) -> int:
+    """Update the catalog from RunPod's prices; returns how many prices changed.
+
+    Works only where the RunPod executor is configured (settings.RUNPOD_API_KEY) and
+    provides ``training.executors.runpod.gpu_prices()`` -> [{"gpu_type", "display_name",
+    "spot_per_hour", "on_demand_per_hour"}]; the RunPod executor issue adds that client.
+    Until then (or without a key) it changes nothing and returns 0: the catalog keeps the
+    seeded and admin-edited prices.
+    """
+    if not getattr(settings, "RUNPOD_API_KEY", ""):
+        return 0
+    try:
+        from training.executors.runpod import gpu_prices
+    except ImportError:
+        logger.info("RunPod price refresh skipped: the RunPod executor has no price client yet")
+        return 0
+    changed = 0
+    now = timezone.now()
+    for row in gpu_prices():
+        spot, demand = Decimal(str(row["spot_per_hour"])), Decimal(str(row["on_demand_per_hour"]))
+        price, created = GpuPrice.objects.get_or_create(
+            gpu_type=row["gpu_type"],
+            defaults={
+                "display_name": row.get("display_name") or row["gpu_type"],
+                "spot_per_hour": spot,
+                "on_demand_per_hour": demand,
+                "source": "RunPod API",
+                "updated_at": now,
+            },
+        )
+        if created or (price.spot_per_hour, price.on_demand_per_hour) != (spot, demand):
+            GpuPrice.objects.filter(pk=price.pk).update(
+                spot_per_hour=spot, on_demand_per_hour=demand, source="RunPod API", updated_at=now
+            )
+            changed += 1
+    AuditEntry.objects.create(
+        action=AuditEntry.Action.PRICES_REFRESHED, user=user, details={"changed": changed}
+    )
+    return changed
+
+
+# --- Estimates ----------------------------------------------------------------------------------
+
+
+def cost_estimate(
+    *,
+    training_file,
+    base_model,
+    preset=None,
+    overrides: dict | None = None,
+    gpu_type: str = "",
+    spot: bool = False,
+    executor: str = "runpod",
+) -> Estimate:
+    from training.config import resolve_configuration
+
+    if not training_file.is_ready:
+        raise InvalidInput(f"Training file '{training_file.name}' has problems.")
+    configuration = resolve_configuration(
+        preset_hyperparameters=preset.hyperparameters if preset else {},
+        overrides=overrides,
+        context_length=base_model.context_length,
+    )
+    price = gpu_price_get(gpu_type=gpu_type, executor=executor)
+    return estimate(
+        training_file=training_file,
+        base_model=base_model,
+        configuration=configuration,
+        price=price,
+        spot=spot,
+        executor=executor,
+        preset_id=preset.pk if preset else None,
+    )
+
+
+def job_estimate(*, job) -> Estimate:
+    price = gpu_price_get(gpu_type=job.gpu_type, executor=job.executor)
+    return estimate(
+        training_file=job.training_file,
+        base_model=job.base_model,
+        configuration=job.configuration,
+        price=price,
+        spot=job.spot,
+        executor=job.executor,
+        preset_id=job.preset_id,
+    )
+
+
+def job_cost_record(*, job, est: Estimate | None = None) -> JobCost:
+    """Create or refresh the job's billing row (rate from the catalog, the estimate)."""
+    if est is None:
+        est = job_estimate(job=job)
+    rate = Decimal(str(est.rate_spot if job.spot else est.rate_on_demand))
+    cost, _ = JobCost.objects.update_or_create(
+        job=job,
+        defaults={
+            "gpu_type": est.gpu_type,
+            "spot": job.spot,
+            "rate_per_hour": rate,
+            "estimate": est.as_dict(),
+            "estimate_cost": est.point_cost,
+        },
+    )
+    return cost
+
+
+def _job_cost(job) -> JobCost:
+    cost = JobCost.objects.filter(job=job).first()
+    if cost is not None:
+        return cost
+    try:
+        return job_cost_record(job=job)
+    except InvalidInput:
+        return JobCost.objects.create(job=job, gpu_type=job.gpu_type or "", spot=job.spot)
+
+
+# --- Budgets ------------------------------------------------------------------------------------
+
+
+def budget_get(*, month: date | None = None) -> MonthlyBudget:
+    """The month's budget; a month without one inherits the latest earlier one (unsaved)."""
+    month = month or month_start()
+    found = MonthlyBudget.objects.filter(month__lte=month).order_by("-month").first()
+    if found is not None and found.month == month:
+        return found
+    if found is not None:
+        return MonthlyBudget(
+            month=month,
+            amount=found.amount,
+            approval_threshold=found.approval_threshold,
+            alert_thresholds=found.alert_thresholds,
+            hard_cap_percent=found.hard_cap_percent,
+        )
+    return MonthlyBudget(
+        month=month,
+        amount=conf.monthly_budget(),
+        approval_threshold=conf.approval_threshold(),
+        alert_thresholds=conf.alert_thresholds(),
+        hard_cap_percent=conf.hard_cap_percent(),
+    )
+
+
+def _budget_locked(month: date) -> MonthlyBudget:
+    """The month's row, created from the inherited values if needed, locked for update."""
+    template = budget_get(month=month)
+    if template.pk is None:
+        try:
+            with transaction.atomic():
+                template.save()
+        except IntegrityError:
+            pass
+    return MonthlyBudget.objects.select_for_update().get(month=month)
+
+
+def budget_set(
+    *,
+    user: AbstractUser | None,
+    amount: Decimal,
+    month: date | None = None,
+    approval_threshold: Decimal | None = None,
+    hard_cap_percent: int | None = None,
+) -> MonthlyBudget:
+    if amount < 0:
+        raise InvalidInput("The budget cannot be negative.")
+    if approval_threshold is not None and approval_threshold < 0:
+        raise InvalidInput("The approval threshold cannot be negative.")
+    if hard_cap_percent is not None and not 1 <= hard_cap_percent <= 1000:
+        raise InvalidInput("hard_cap_percent must be between 1 and 1000.")
+    month = month or month_start()
+    with transaction.atomic():
+        budget = _budget_locked(month)
+        before = {
+            "amount": str(budget.amount),
+            "approval_threshold": str(budget.approval_threshold),
+        }
+        budget.amount = amount
+        if approval_threshold is not None:
+            budget.approval_threshold = approval_threshold
+        if hard_cap_percent is not None:
+            budget.hard_cap_percent = hard_cap_percent
+        budget.updated_by = user
+        budget.save()
+        AuditEntry.objects.create(
+            action=AuditEntry.Action.BUDGET_SET,
+            user=user,
+            details={
+                "month": f"{month:%Y-%m}",
+                "before": before,
+                "after": {
+                    "amount": str(budget.amount),
+                    "approval_threshold": str(budget.approval_threshold),
+                    "hard_cap_percent": budget.hard_cap_percent,
+                },
+            },
+        )
+    return budget
+
+
+def budget_thresholds_set(
+    *, user: AbstractUser | None, thresholds: list[dict], month: date | None = None
+) -> MonthlyBudget:
+    clean, seen = [], set()
+    for item in thresholds:
+        percent = item.get("percent")
+        channels = sorted(set(item.get("channels") or ["email"]))
+        if not isinstance(percent, int) or not 1 <= percent <= 200:
+            raise InvalidInput(f"Each threshold percent must be an integer 1-200, not {percent!r}.")
+        if percent in seen:
+            raise InvalidInput(f"Threshold {percent}% is listed twice.")
+        if not set(channels) <= {"email", "slack"}:
+            raise InvalidInput(f"Unknown channels {channels}; use email and/or slack.")
+        seen.add(percent)
+        clean.append({"percent": percent, "channels": channels})
+    if not clean:
+        raise InvalidInput("Give at least one threshold.")
+    month = month or month_start()
+    with transaction.atomic():
+        budget = _budget_locked(month)
+        before = budget.alert_thresholds
+        budget.alert_thresholds = sorted(clean, key=lambda t: t["percent"])
+        budget.updated_by = user
+        budget.save()
+        AuditEntry.objects.create(
+            action=AuditEntry.Action.THRESHOLDS_SET,
+            user=user,
+            details={"month": f"{month:%Y-%m}", "before": before, "after": budget.alert_thresholds},
+        )
+    return budget
+
+
+def month_spent(*, month: date) -> Decimal:
+    total = LedgerEntry.objects.filter(month=month).aggregate(s=Sum("amount"))["s"]
+    return money(total or 0)
+
+
+def _active_costs(*, exclude_job_id=None) -> list[JobCost]:
+    from training.models import ACTIVE_STATUSES
+
+    costs = JobCost.objects.filter(job__status__in=ACTIVE_STATUSES).select_related(
+        "job", "job__created_by"
+    )
+    if exclude_job_id is not None:
+        costs = costs.exclude(job_id=exclude_job_id)
+    return list(costs)
+
+
+def _remaining(cost: JobCost) -> Decimal:
+    """What an active job is still expected to spend (its reservation not yet accrued)."""
+    final = cost.projection.get("final_cost") if cost.projection else None
+    expected = Decimal(str(final)) if final is not None else (cost.estimate_cost or cost.reserved)
+    return max(Decimal(0), money(expected - cost.accrued))
+
+
+def attribution_of(tags: list[str]) -> str:
+    for tag in tags or []:
+        if tag.startswith(conf.attribution_prefixes()):
+            return tag
+    return (tags or [""])[0]
+
+
+def budget_summary(*, month: date | None = None) -> dict:
+    """Spent, reserved, remaining, forecast, per-job and per-attribution figures of a month."""
+    from training.models import TrainingJob
+
+    month = month or month_start()
+    budget = budget_get(month=month)
+    entries = LedgerEntry.objects.filter(month=month)
+    spent = money(entries.aggregate(s=Sum("amount"))["s"] or 0)
+    by_kind = {
+        row["kind"]: money(row["s"])
+        for row in entries.values("kind").annotate(s=Sum("amount")).order_by()
+    }
+    by_subject = list(
+        entries.values("content_type", "object_id", "attribution")
+        .annotate(s=Sum("amount"), q=Sum("quantity"))
+        .order_by("-s")
+    )
+    by_day = {
+        row["day"]: money(row["s"])
+        for row in entries.values("day").annotate(s=Sum("amount")).order_by("day")
+    }
+    is_current = month == month_start()
+    active = _active_costs() if is_current else []
+    remaining_active = sum((_remaining(c) for c in active), Decimal(0))
+    job_ids = {row["object_id"] for row in by_subject if row["object_id"]} | {
+        str(c.job_id) for c in active
+    }
+    jobs = {
+        str(j.pk): j
+        for j in TrainingJob.objects.filter(pk__in=job_ids).select_related("created_by", "billing")
+    }
+    spent_by_job = defaultdict(Decimal)
+    attribution = defaultdict(Decimal)
+    for row in by_subject:
+        spent_by_job[row["object_id"]] += row["s"]
+        attribution[row["attribution"] or "unattributed"] += row["s"]
+    rows = []
+    for job_id in sorted(job_ids, key=lambda j: -spent_by_job.get(j, 0)):
+        job = jobs.get(job_id)
+        if job is None:
+            continue
+        cost = getattr(job, "billing", None)
+        rows.append(
+            {
+                "id": job_id,
+                "name": job.name,
+                "status": job.status,
+                "created_by": job.created_by.username if job.created_by else None,
+                "attribution": attribution_of(job.tags) or "unattributed",
+                "gpu_type": cost.gpu_type if cost else job.gpu_type,
+                "spot": job.spot,
+                "spent": money(spent_by_job.get(job_id, 0)),
+                "estimate": cost.estimate_cost if cost else None,
+                "variance_pct": cost.variance_pct if cost else None,
+                "remaining_estimate": _remaining(cost) if cost and job.is_active else Decimal(0),
+                "override": bool(cost and cost.overridden_at),
+                "capped": bool(cost and cost.capped_at),
+            }
+        )
+    cumulative, running = [], Decimal(0)
+    for day, amount in by_day.items():
+        running += amount
+        cumulative.append({"day": day.isoformat(), "amount": amount, "cumulative": running})
+    amount = budget.amount
+    return {
+        "month": f"{month:%Y-%m}",
+        "budget": amount,
+        "spent": spent,
+        "reserved": money(remaining_active),
+        "remaining": money(amount - spent),
+        "forecast": money(spent + remaining_active),
+        "percent_used": round(float(spent / amount * 100), 1) if amount else None,
+        "approval_threshold": budget.approval_threshold,
+        "hard_cap_percent": budget.hard_cap_percent,
+        "alert_thresholds": budget.alert_thresholds,
+        "by_kind": by_kind,
+        "jobs": rows,
+        "attribution": [
+            {"attribution": k, "spent": money(v)}
+            for k, v in sorted(attribution.items(), key=lambda kv: -kv[1])
+        ],
+        "daily": cumulative,
+        "active_jobs": [
+            {"id": str(c.job_id), "name": c.job.name, "status": c.job.status} for c in active
+        ],
+        "alerts": [
+            {"threshold": a.threshold, "sent_at": a.sent_at, "channels": a.channels}
+            for a in BudgetAlert.objects.filter(month=month).order_by("threshold")
+        ],
+    }
+
+
+# --- Enforcement at start ------------------------------------------------------------------------
+
+
+def job_start_check(*, job, user: AbstractUser | None, override_reason: str = "") -> JobCost:
+    """Refuse (409) a start over budget or over the approval threshold; else reserve.
+
+    Runs inside training_job_start's transaction: a refusal writes nothing.
+    """
+    override_reason = (override_reason or "").strip()
+    can_override = has_capability(user, "override_budgets")
+    month = month_start()
+    budget = _budget_locked(month)  # serialises concurrent starts
+    try:
+        est = job_estimate(job=job)
+    except InvalidInput as exc:
+        raise Conflict(exc.message, details=exc.details, code="no_price") from exc
+    cost = job_cost_record(job=job, est=est)
+    amount = est.point_cost
+    now = timezone.now()
+
+    if amount > budget.approval_threshold and cost.approved_at is None:
+        if not can_override:
+            raise Conflict(
+                f"This job is estimated at ${amount}, over the ${budget.approval_threshold} "
+                "that needs an admin's approval. Ask an admin to approve it "
+                f"(POST /api/v1/billing/jobs/{job.pk}/approve), then start it again.",
+                code="approval_required",
+                details={"estimate": amount, "approval_threshold": budget.approval_threshold},
+            )
+        cost.approved_by, cost.approved_at = user, now
+        AuditEntry.objects.create(
+            action=AuditEntry.Action.APPROVAL,
+            job=job,
+            user=user,
+            reason=override_reason or "started by an admin",
+            details={"estimate": str(amount), "approval_threshold": str(budget.approval_threshold)},
+        )
+
+    spent = month_spent(month=month)
+    reserved = money(sum((_remaining(c) for c in _active_costs(exclude_job_id=job.pk)), Decimal(0)))
+    details = {
+        "month": f"{month:%Y-%m}",
+        "spent": spent,
+        "reserved": reserved,
+        "estimate": amount,
+        "budget": budget.amount,
+        "remaining": money(budget.amount - spent - reserved),
+    }
+    if amount > 0 and spent + reserved + amount > budget.amount:
+        if not override_reason:
+            raise Conflict(
+                f"Starting this job would take {month:%B %Y} over its budget: spent "
+                f"${spent}, reserved ${reserved} by active jobs, this job's estimate ${amount}, "
+                f"budget ${budget.amount}. An admin can start it anyway with an override reason.",
+                code="budget_exceeded",
+                details=details,
+            )
+        if not can_override:
+            raise PermissionDenied(
+                "Only an admin may start a job over the budget.",
+                details={**details, "required_permission": "override_budgets"},
+            )
+        cost.override_by, cost.override_reason, cost.overridden_at = user, override_reason, now
+        AuditEntry.objects.create(
+            action=AuditEntry.Action.OVERRIDE,
+            job=job,
+            user=user,
+            reason=override_reason[:500],
+            details={k: str(v) for k, v in details.items()},
+        )
+        logger.warning("budget override for job %s by %s: %s", job.pk, user, override_reason)
+    cost.reserved, cost.reserved_month = amount, month
+    cost.save()
+    if job.cost_estimate != amount:
+        type(job).objects.filter(pk=job.pk).update(cost_estimate=amount)
+        job.cost_estimate = amount
+    return cost
+
+
+def job_approve(*, job, user: AbstractUser, reason: str = "") -> JobCost:
+    if job.status != "pending":
+        raise Conflict("Only a job that has not started can be approved.")
+    try:
+        cost = job_cost_record(job=job)
+    except InvalidInput as exc:
+        raise Conflict(exc.message, details=exc.details, code="no_price") from exc
+    with transaction.atomic():
+        cost.approved_by, cost.approved_at = user, timezone.now()
+        cost.save(update_fields=["approved_by", "approved_at"])
+        AuditEntry.objects.create(
+            action=AuditEntry.Action.APPROVAL,
+            job=job,
+            user=user,
+            reason=reason[:500],
+            details={"estimate": str(cost.estimate_cost)},
+        )
+    return cost
+
+
+# --- Live cost -------------------------------------------------------------------------------
+
+
+def _split_by_day(intervals) -> dict[date, float]:
+    out: dict[date, float] = defaultdict(float)
+    for start, end in intervals:
+        current = start
+        while current < end:
+            local = timezone.localtime(current)
+            midnight = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+            stop = min(end, midnight)
+            out[local.date()] += (stop - current).total_seconds()
+            current = stop
+    return out
+
+
+def _held_until(job, now: datetime) -> datetime:
+    if not job.is_terminal:
+        return now
+    end = job.completed_at or now
+    if job.status == "cancelled" and job.last_event_at and job.executor_ref:
+        # The worker saves a checkpoint after SIGTERM; its last event says when it stopped.
+        grace = timedelta(seconds=getattr(settings, "TRAINING_CANCEL_GRACE_S", 120))
+        end = max(end, min(job.last_event_at, end + grace))
+    return end
+
+
+def job_cost_accrue(*, job, now: datetime, cost: JobCost | None = None) -> JobCost:
+    """Recompute the job's GPU spend from its stored transition times, into the ledger."""
+    from training.models import TrainingJob
+
+    cost = cost or _job_cost(job)
+    transitions = list(job.transitions.all())
+    intervals = held_intervals(transitions, now=_held_until(job, now))
+    per_day = _split_by_day(intervals)
+    per_second = cost.rate_per_hour / Decimal(3600)
+    ct = ContentType.objects.get_for_model(TrainingJob)
+    existing = {
+        e.day: e
+        for e in LedgerEntry.objects.filter(
+            kind=LedgerEntry.Kind.GPU_TIME, content_type=ct, object_id=str(job.pk)
+        )
+    }
+    attribution = attribution_of(job.tags)
+    total = Decimal(0)
+    for day, seconds in per_day.items():
+        quantity = Decimal(str(round(seconds, 3)))
+        amount = (quantity * per_second).quantize(MICRO)
+        total += amount
+        entry = existing.get(day)
+        if entry is None:
+            LedgerEntry.objects.create(
+                kind=LedgerEntry.Kind.GPU_TIME,
+                day=day,
+                month=day.replace(day=1),
+                amount=amount,
+                quantity=quantity,
+                unit="gpu_second",
+                rate=per_second.quantize(Decimal("0.0000000001")),
+                content_type=ct,
+                object_id=str(job.pk),
+                attribution=attribution,
+                description=f"{job.name} on {cost.gpu_type}{' (spot)' if cost.spot else ''}",
+            )
+        elif entry.amount != amount or entry.quantity != quantity:
+            LedgerEntry.objects.filter(pk=entry.pk).update(
+                amount=amount, quantity=quantity, updated_at=now
+            )
+    cost.accrued = total.quantize(Decimal("0.0001"))
+    cost.held_seconds = sum(per_day.values())
+    cost.accrued_at = now
+    if job.status == "training":
+        last_point = job.metrics.order_by("-step").first()
+        projection = reestimate_running(
+            job=job,
+            transitions=transitions,
+            last_point=last_point,
+            rate_per_hour=float(cost.rate_per_hour),
+            accrued=float(cost.accrued),
+            now=now,
+            phases=(cost.estimate or {}).get("phases"),
+        )
+        if projection:
+            cost.projection = projection
+            TrainingJob.objects.filter(pk=job.pk).update(eta_seconds=projection["seconds_left"])
+    cost.save(update_fields=["accrued", "held_seconds", "accrued_at", "projection"])
+    TrainingJob.objects.filter(pk=job.pk).update(cost_actual=cost.accrued)
+    job.cost_actual = cost.accrued
+    return cost
+
+
+def _variance_check(job, cost: JobCost, now: datetime) -> None:
+    limit = conf.variance_alert_percent()
+    variance = cost.variance_pct
+    if variance is None or variance <= limit or cost.variance_alerted_at:
+        return
+    if JobCost.objects.filter(pk=cost.pk, variance_alerted_at__isnull=True).update(
+        variance_alerted_at=now
+    ):
+        from billing import notifications
+
+        notifications.cost_variance_notify(job=job, cost=cost)
+
+
+def costs_accrue(*, now: datetime | None = None) -> dict:
+    """Accrue every job holding a GPU (and finished ones not yet final), then check alerts
+    and the hard cap. Called by training's reconcile every 20 s; idempotent."""
+    from training.models import RUNNING_STATUSES, TERMINAL_STATUSES, TrainingJob
+
+    now = now or timezone.now()
+    jobs = (
+        TrainingJob.objects.filter(status__in=RUNNING_STATUSES)
+        .select_related("billing")
+        .order_by("created_at")
+    )
+    accrued = 0
+    unfinalized = TrainingJob.objects.filter(
+        status__in=TERMINAL_STATUSES, billing__isnull=False, billing__finalized_at__isnull=True
+    )
+    for job in unfinalized:
+        job_finalize(job=job)
+    for job in jobs:
+        cost = getattr(job, "billing", None)
+        cost = job_cost_accrue(job=job, now=now, cost=cost)
+        _variance_check(job, cost, now)
+        accrued += 1
+    alerts = budget_alerts_check(now=now)
+    stopped = hard_cap_enforce(now=now)
+    return {"accrued": accrued, "alerts": alerts, "stopped": stopped}
+
+
+def job_finalize(*, job) -> JobCost:
+    """Final accrual of a finished job; its reservation is released."""
+    job.refresh_from_db()
+    cost = job_cost_accrue(job=job, now=timezone.now())
+    if not job.is_terminal:  # called before the terminal status was written
+        return cost
+    cost.reserved = Decimal(0)
+    cost.finalized_at = timezone.now()
+    cost.save(update_fields=["reserved", "finalized_at"])
+    _variance_check(job, cost, timezone.now())
+    return cost
+
+
+# --- Alerts and the hard cap ------------------------------------------------------------------
+
+
+def budget_alerts_check(*, now: datetime | None = None) -> list[int]:
+    """Send each threshold's alert once a month when spending crosses it."""
+    month = month_start(now)
+    budget = budget_get(month=month)
+    if budget.amount <= 0:
+        return []
+    spent = month_spent(month=month)
+    fired = []
+    for threshold in sorted(budget.alert_thresholds, key=lambda t: t["percent"]):
+        percent = int(threshold["percent"])
+        if spent * 100 < budget.amount * percent:
+            continue
+        if BudgetAlert.objects.filter(month=month, threshold=percent).exists():
+            continue
+        summary = budget_summary(month=month)
+        try:
+            with transaction.atomic():
+                alert = BudgetAlert.objects.create(
+                    month=month,
+                    threshold=percent,
+                    channels=threshold.get("channels") or ["email"],
+                    spent=summary["spent"],
+                    budget=summary["budget"],
+                    forecast=summary["forecast"],
+                    active_jobs=summary["active_jobs"],
+                )
+        except IntegrityError:
+            continue  # another process sent it
+        from billing import notifications
+
+        delivery = notifications.budget_alert_notify(alert=alert, summary=summary)
+        BudgetAlert.objects.filter(pk=alert.pk).update(delivery=delivery)
+        logger.warning(
+            "budget alert %s%% for %s: spent $%s of $%s", percent, month, spent, budget.amount
+        )
+        fired.append(percent)
+    return fired
+
+
+def hard_cap_enforce(*, now: datetime | None = None) -> list[str]:
+    """At the hard cap, checkpoint and stop every paying job not started with an override.
+
+    training_job_cancel sends SIGTERM: the worker saves a checkpoint, then exits.
+    """
+    from training.models import RUNNING_STATUSES
+    from training.services import training_job_cancel
+
+    month = month_start(now)
+    budget = budget_get(month=month)
+    if budget.amount <= 0 and not LedgerEntry.objects.filter(month=month).exists():
+        return []
+    spent = month_spent(month=month)
+    cap = budget.amount * budget.hard_cap_percent / 100
+    if spent < cap:
+        return []
+    stopped = []
+    costs = JobCost.objects.filter(
+        job__status__in=RUNNING_STATUSES,
+        rate_per_hour__gt=0,
+        overridden_at__isnull=True,
+        capped_at__isnull=True,
+    ).select_related("job")
+    for cost in costs:
+        job = cost.job
+        try:
+            training_job_cancel(job=job, user=None)
+        except Conflict:
+            continue  # finished meanwhile
+        JobCost.objects.filter(pk=cost.pk).update(capped_at=timezone.now())
+        AuditEntry.objects.create(
+            action=AuditEntry.Action.HARD_CAP_STOP,
+            job=job,
+            reason="budget hard cap",
+            details={
+                "month": f"{month:%Y-%m}",
+                "spent": str(spent),
+                "budget": str(budget.amount),
+                "hard_cap_percent": budget.hard_cap_percent,
+                "job_cost": str(cost.accrued),
+            },
+        )
+        logger.warning("job %s stopped at the budget hard cap ($%s of $%s)", job.pk, spent, cap)
+        stopped.append(str(job.pk))
+    return stopped
+
+
+# --- LLM tokens (the model gateway) -------------------------------------------------------------
+
+
+def llm_usage_record(
+    *,
+    amount: Decimal,
+    tokens: int,
+    model: str,
+    subject=None,
+    attribution: str = "",
+    at: datetime | None = None,
+) -> LedgerEntry:
+    """One LLM call's (or batch's) spend, for the model gateway to call."""
+    if amount < 0 or tokens < 0:
+        raise InvalidInput("amount and tokens cannot be negative.")
+    day = timezone.localtime(at or timezone.now()).date()
+    entry = LedgerEntry(
+        kind=LedgerEntry.Kind.LLM_TOKENS,
+        day=day,
+        month=day.replace(day=1),
+        amount=Decimal(amount).quantize(MICRO),
+        quantity=Decimal(tokens),
+        unit="token",
+        rate=(Decimal(amount) / tokens if tokens else Decimal(0)).quantize(Decimal("0.0000000001")),
+        attribution=attribution,
+        description=f"LLM tokens: {model}"[:300],
+    )
+    if subject is not None:
+        entry.subject = subject
+    entry.save()
+    return entry
+
+
+# --- Export -----------------------------------------------------------------------------------
+
+
+CSV_COLUMNS = [
+    "date",
+    "month",
+    "kind",
+    "subject_type",
+    "subject_id",
+    "description",
+    "attribution",
+    "quantity",
+    "unit",
+    "rate_per_unit",
+    "amount_usd",
+]
+
+
+def ledger_csv(*, month: date) -> str:
+    entries = (
+        LedgerEntry.objects.filter(month=month).select_related("content_type").order_by("day", "id")
+    )
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    total = Decimal(0)
+    for e in entries:
+        total += e.amount
+        writer.writerow(
+            [
+                e.day.isoformat(),
+                f"{e.month:%Y-%m}",
+                e.kind,
+                e.content_type.model if e.content_type else "",
+                e.object_id,
+                e.description,
+                e.attribution,
+                f"{e.quantity:.4f}",
+                e.unit,
+                f"{e.rate:.10f}",
+                f"{e.amount:.6f}",
+            ]
+        )
+    writer.writerow(["", f"{month:%Y-%m}", "total", "", "", "", "", "", "", "", f"{total:.6f}"])
+    return out.getvalue()
+
+
+def job_cost_detail(*, job_id) -> dict:
+    from training.models import TrainingJob
+
+    job = TrainingJob.objects.select_related("billing").filter(pk=job_id).first()
+    if job is None:
+        raise NotFound(f"No training job {job_id}.")
+    cost = getattr(job, "billing", None)
+    if cost is None:
+        return {"job_id": str(job.pk), "status": job.status, "accrued": Decimal(0)}
+    variance = cost.variance_pct
+    limit = conf.variance_alert_percent()
+    projected = cost.projection.get("final_cost") if cost.projection else None
+    return {
+        "job_id": str(job.pk),
+        "status": job.status,
+        "gpu_type": cost.gpu_type,
+        "spot": cost.spot,
+        "rate_per_hour": cost.rate_per_hour,
+        "held_seconds": round(cost.held_seconds, 1),
+        "accrued": money(cost.accrued),
+        "accrued_at": cost.accrued_at,
+        "estimate": cost.estimate_cost,
+        "estimate_text": (cost.estimate or {}).get("text", ""),
+        "variance_pct": variance,
+        "warning": variance is not None and variance > limit,
+        "projection": cost.projection or None,
+        "projected_variance_pct": (
+            round(100 * (projected / float(cost.estimate_cost) - 1), 1)
+            if projected is not None and cost.estimate_cost
+            else None
+        ),
+        "reserved": cost.reserved,
+        "approved": cost.approved_at is not None,
+        "override_reason": cost.override_reason,
+        "capped_at": cost.capped_at,
+    }
+
+
+def admin_recipients() -> list[str]:
+    from django.db.models import Q
+
+    users = get_user_model().objects.filter(
+        Q(is_superuser=True) | Q(groups__name="admin"), is_active=True
+    )
+    emails = {u.email for u in users.exclude(email="")}
+    return sorted(emails | set(conf.alert_emails()))

@@ -1,0 +1,159 @@
+"""The training pages in headless Chromium: the job list, a finished job with its loss
+chart, and a failed job with its fix; a retry from the page goes through the API.
+
+Skipped like the other browser tests when Chromium is missing (unless
+CRUCIBLE_REQUIRE_BROWSER=1). Screenshots land in var/screenshots/training-*.png.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tests.browser.test_dashboard_browser import (  # noqa: F401 (fixtures)
+    PASSWORD,
+    _console_errors,
+    _shoot,
+    _sign_in,
+    _stylesheet_applied,
+    _wait,
+    ada,
+    browser,
+    driver,
+)
+from tests.training.test_pages import seed_jobs
+
+try:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select
+except ImportError:  # the driver fixture skips (or fails when browsers are required)
+    By = ec = Select = None
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def jobs(ada):  # noqa: F811
+    from corpora.services import training_file_create
+    from tests.training.conftest import conversations
+    from training.models import BaseModel, Preset
+
+    training_file = training_file_create(
+        name="advisor-v2", upload=io.BytesIO(conversations(12)), user=ada
+    )
+    return seed_jobs(
+        training_file,
+        BaseModel.objects.get(name="SmolLM2-135M-Instruct"),
+        Preset.objects.get(key="smoke"),
+        user=ada,
+    )
+
+
+def _shoot_full_page(chromium, name: str) -> None:
+    """A screenshot of the whole page: the viewport is stretched to the page's height."""
+    height = chromium.execute_script("return document.documentElement.scrollHeight")
+    metrics = {"width": 1440, "height": min(max(900, height), 6000)}
+    chromium.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {**metrics, "deviceScaleFactor": 1, "mobile": False}
+    )
+    try:
+        chromium.execute_script("return new Promise(r => requestAnimationFrame(() => r()))")
+        _shoot(chromium, name)
+    finally:
+        chromium.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def _table_names(chromium) -> list[str]:
+    return [a.text for a in chromium.find_elements(By.CSS_SELECTOR, "#training-jobs .job-name")]
+
+
+def test_training_list_and_job_pages(browser, live_server, ada, jobs, monkeypatch):  # noqa: F811
+    # A retry started from the page must not launch a real worker here.
+    monkeypatch.setattr("training.services._enqueue_launch", lambda job: None)
+    _sign_in(browser, live_server, "ada", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+
+    # --- The list -------------------------------------------------------------------
+    browser.get(f"{live_server.url}/training/")
+    _wait(browser).until(ec.presence_of_element_located((By.ID, "training-jobs")))
+    assert _stylesheet_applied(browser)
+    assert browser.execute_script(
+        "return getComputedStyle(document.querySelector('.badge-training')).color"
+    ) != browser.execute_script(
+        "return getComputedStyle(document.querySelector('.badge-cancelled')).color"
+    ), "training.css did not load"
+    assert len(_table_names(browser)) == len(jobs)
+    table = browser.find_element(By.ID, "training-jobs")
+    assert table.get_attribute("hx-trigger") == "every 5s"  # a job is running
+    assert "Interrupted 1x, resumed successfully" in table.text
+    assert "\u221231%" in table.text
+    active = browser.find_element(By.CSS_SELECTOR, ".nav-link[aria-current=page]")
+    assert active.text == "Training"
+    assert _console_errors(browser) == []
+    _shoot_full_page(browser, "training-list.png")
+
+    # Filtering swaps the table in place and puts the filter in the address bar.
+    browser.execute_script("document.getElementById('training-jobs').dataset.stale = '1'")
+    Select(browser.find_element(By.NAME, "status")).select_by_value("failed")
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/training/?status=failed"))
+    _wait(browser).until(
+        lambda b: (
+            not b.find_element(By.ID, "training-jobs").get_attribute("data-stale")
+            and _table_names(b) == [jobs["failed"].name]
+        )
+    )
+    assert len(browser.find_elements(By.TAG_NAME, "h1")) == 1, "the partial came back whole"
+    search = browser.find_element(By.NAME, "q")
+    search.send_keys("no-such-job")
+    _wait(browser).until(
+        ec.text_to_be_present_in_element((By.ID, "training-jobs"), "No jobs match these filters")
+    )
+
+    # --- A completed job: results and the loss chart -----------------------------------
+    completed = jobs["completed"]
+    browser.get(f"{live_server.url}/training/{completed.pk}/")
+    _wait(browser).until(
+        lambda b: (
+            b.execute_script(
+                "return window.Chart && Chart.getChart('loss-chart') ? "
+                "Chart.getChart('loss-chart').data.datasets.map(d => d.data.length) : null"
+            )
+            == [60, 6, 60]
+        )
+    )
+    canvas = browser.find_element(By.ID, "loss-chart")
+    assert canvas.size["width"] > 400 and canvas.size["height"] > 200
+    assert not browser.find_element(By.ID, "loss-chart-empty").is_displayed()
+    results = browser.find_element(By.ID, "job-results")
+    assert "Perplexity: 24.5 -> 16.8 (31% improvement)" in results.text
+    assert "Resume check passed" in results.text
+    # The downloads menu opens.
+    browser.find_element(By.CSS_SELECTOR, ".menu > summary").click()
+    menu = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".menu-list")))
+    assert "Deployment package" in menu.text
+    browser.find_element(By.CSS_SELECTOR, ".menu > summary").click()
+    assert _console_errors(browser) == []
+    _shoot_full_page(browser, "training-detail.png")
+
+    # --- A failed OOM job: the fix, and a one-click retry ------------------------------
+    failed = jobs["failed"]
+    browser.get(f"{live_server.url}/training/{failed.pk}/")
+    panel = _wait(browser).until(ec.visibility_of_element_located((By.ID, "job-error")))
+    assert "Out of GPU memory" in panel.text
+    assert "Retry with micro_batch_size=2 and gradient_accumulation_steps=4" in panel.text
+    button = panel.find_element(By.CSS_SELECTOR, "[data-job-action=retry]")
+    assert button.text == "Retry with micro_batch_size=2, gradient_accumulation_steps=4"
+    assert _console_errors(browser) == []
+    _shoot_full_page(browser, "training-failed.png")
+
+    button = browser.find_element(By.CSS_SELECTOR, "#job-error [data-job-action=retry]")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", button)
+    button.click()
+    _wait(browser).until(
+        lambda b: b.current_url.rstrip("/") != f"{live_server.url}/training/{failed.pk}"
+    )
+    _wait(browser).until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), "(retry 1)"))
+    assert "Retry of" in browser.find_element(By.CSS_SELECTOR, ".job-head").text
+    assert _console_errors(browser) == []
