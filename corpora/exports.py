@@ -206,7 +206,9 @@ def check_parameters(
         "splits": ratios,
         "seed": seed,
         "stratify_by": stratify_by or None,
-        "field_mapping": mapping,
+        # Pairs, not an object: PostgreSQL's jsonb would reorder the keys, and the order of
+        # the output columns is the order the user gave.
+        "field_mapping": [[out, src] for out, src in mapping.items()],
         "csv": options,
     }
 
@@ -480,6 +482,10 @@ def tabular(row: dict, features: dict[str, str]) -> dict:
     return out
 
 
+def _mapping(params: dict) -> dict[str, str]:
+    return dict(params.get("field_mapping") or [])
+
+
 def _mapped(row: dict, mapping: dict[str, str], features: dict[str, str]) -> dict:
     if not mapping:
         return {name: row.get(name) for name in features}
@@ -531,7 +537,7 @@ class JsonlWriter(Writer):
         if split not in self.handles:
             self.handles[split] = (self.root / info.path).open("wb")
         self.handles[split].write(
-            orjson.dumps(_mapped(row, self.params["field_mapping"], self.features)) + b"\n"
+            orjson.dumps(_mapped(row, _mapping(self.params), self.features)) + b"\n"
         )
         info.rows += 1
 
@@ -557,9 +563,7 @@ class JsonWriter(Writer):
             self.handles[split].write(b"[\n")
         else:
             self.handles[split].write(b",\n")
-        self.handles[split].write(
-            orjson.dumps(_mapped(row, self.params["field_mapping"], self.features))
-        )
+        self.handles[split].write(orjson.dumps(_mapped(row, _mapping(self.params), self.features)))
         info.rows += 1
 
     def close(self):
@@ -928,7 +932,7 @@ def check_file(root: Path, info: WrittenFile, features: dict[str, str], params: 
     """Read a written file back and check it against what was meant to be in it."""
     path = root / info.path
     _expect(path.exists(), f"{info.path} is missing")
-    mapping = params["field_mapping"]
+    mapping = _mapping(params)
     keys = list(mapping) if mapping else list(features)
     if info.format == "jsonl":
         rows = 0

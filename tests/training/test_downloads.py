@@ -14,7 +14,7 @@ from training.models import Artifact, ArtifactDownload, JobStatus, MetricPoint, 
 
 
 @pytest.fixture
-def completed_job(training_file, smollm, smoke):
+def completed_job(local_storage, training_file, smollm, smoke):
     job = services.training_job_create(
         user=None, training_file=training_file, base_model=smollm, preset=smoke, name="Advisor v1"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from config.roles import Role
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, fetch_download
 from tests.factories import TokenFactory, UserFactory
 from training import services
 from training.models import Checkpoint, JobStatus, MetricPoint, TrainingJob
@@ -108,8 +108,7 @@ def test_smoke_job_on_the_sample_file_completes_through_the_api(engineer_api, tm
 
     # Artifacts download; the adapter loads with peft and generates.
     response = engineer_api.get(f"training/jobs/{job.pk}/download/adapters")
-    assert response.status_code == 200
-    archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    archive = zipfile.ZipFile(io.BytesIO(fetch_download(response)))
     archive.extractall(tmp_path / "zip")
     assert (tmp_path / "zip" / "adapter" / "adapter_model.safetensors").exists()
     metrics = engineer_api.get(f"training/jobs/{job.pk}/download/metrics?format=json").json()
@@ -140,7 +139,7 @@ def test_smoke_job_on_the_sample_file_completes_through_the_api(engineer_api, tm
 
     # The deployment package's inference.py runs and answers.
     package = engineer_api.get(f"training/jobs/{job.pk}/download/deployment-package")
-    zipfile.ZipFile(io.BytesIO(b"".join(package.streaming_content))).extractall(tmp_path / "pkg")
+    zipfile.ZipFile(io.BytesIO(fetch_download(package))).extractall(tmp_path / "pkg")
     result = subprocess.run(
         [
             sys.executable,
