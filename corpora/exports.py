@@ -48,6 +48,7 @@ from django.utils import timezone
 
 from config.errors import InvalidInput
 from config.storage import storage_open, storage_save, storage_size
+from corpora.ingest import DOCUMENT_COLUMNS
 from corpora.models import Chunk, Document, Export
 from corpora.tokens import count_tokens
 from corpora.validation import to_messages
@@ -263,22 +264,9 @@ class Source:
 
 
 class CorpusSource(Source):
-    DOCUMENT_FIELDS = (
-        "external_id",
-        "title",
-        "text",
-        "document_type",
-        "author",
-        "date",
-        "language",
-        "source",
-        "metadata",
-        "extensions",
-        "char_count",
-        "word_count",
-        "token_count",
-        "chunk_count",
-        "sha256",
+    # The stored document columns, less the bookkeeping of the upload that wrote them.
+    DOCUMENT_FIELDS = tuple(
+        c for c in DOCUMENT_COLUMNS if c not in ("corpus", "ingestion", "position", "line_number")
     )
 
     @property
