@@ -36,9 +36,12 @@ def test_worker_heartbeat_records_the_time():
 
 def _reset_connection_pools():
     """Producers cached by earlier .delay() calls would keep the old broker folder."""
+    from kombu import pools
+
     app.pool.force_close_all()
     app._pool = None
     app.amqp._producer_pool = None
+    pools.reset()  # kombu's process-wide producer pools hold the old connections too
 
 
 @pytest.fixture
