@@ -131,7 +131,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("CRUCIBLE_MODEL_CACHE", str(REPO / "var" / "gpu-model-cache"))
+    os.environ.setdefault("CRUCIBLE_MODEL_CACHE", str(REPO / "var" / "models"))
     sys.path.insert(0, str(REPO))
 
     import datasets

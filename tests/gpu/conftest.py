@@ -1,6 +1,6 @@
 """Fixtures for the training worker's tests (no database: the worker knows nothing of Django).
 
-The offline base model is converted once into var/gpu-model-cache (shared by every test and
+The offline base model is converted once into var/models (shared by every test and
 every worker subprocess through CRUCIBLE_MODEL_CACHE) and reused by later test sessions.
 """
 
@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"
-MODEL_CACHE = REPO / "var" / "gpu-model-cache"
+MODEL_CACHE = REPO / "var" / "models"  # the same cache the platform and the demo use
 SECRET = "test-webhook-secret"
 
 
