@@ -211,10 +211,7 @@ def serve(request: HttpRequest, artifact: Artifact) -> HttpResponse:
     )
 
 
-METRIC_COLUMNS = [
-    "step", "epoch", "train_loss", "val_loss", "learning_rate", "grad_norm",
-    "tokens_per_second", "gpu_memory_mb", "elapsed_seconds", "eta_seconds",
-]  # fmt: skip
+METRIC_COLUMNS = ["step", *MetricPoint.VALUE_FIELDS]
 
 
 def metrics_response(request: HttpRequest, *, job: TrainingJob, fmt: str) -> HttpResponse:

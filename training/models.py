@@ -210,6 +210,19 @@ class JobTransition(models.Model):
 
 
 class MetricPoint(models.Model):
+    # What a worker's `metrics` event may carry besides the step (gpu/PROTOCOL.md).
+    VALUE_FIELDS = (
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "gpu_memory_mb",
+        "elapsed_seconds",
+        "eta_seconds",
+    )
+
     job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="metrics")
     step = models.PositiveIntegerField()
     epoch = models.FloatField(null=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from urllib.parse import urljoin
@@ -463,8 +464,6 @@ def training_event_receive(
 
 
 def _is_uuid(value) -> bool:
-    import uuid
-
     try:
         uuid.UUID(str(value))
         return True
@@ -512,22 +511,9 @@ def _on_dataset(job: TrainingJob, data: dict) -> None:
     )
 
 
-_METRIC_FIELDS = (
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "learning_rate",
-    "grad_norm",
-    "tokens_per_second",
-    "gpu_memory_mb",
-    "elapsed_seconds",
-    "eta_seconds",
-)
-
-
 def _on_metrics(job: TrainingJob, data: dict) -> None:
     step = int(data.get("step") or 0)
-    values = {k: data.get(k) for k in _METRIC_FIELDS if data.get(k) is not None}
+    values = {k: data.get(k) for k in MetricPoint.VALUE_FIELDS if data.get(k) is not None}
     point, created = MetricPoint.objects.get_or_create(job=job, step=step, defaults=values)
     if not created and values:
         MetricPoint.objects.filter(pk=point.pk).update(**values)
