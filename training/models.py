@@ -335,6 +335,21 @@ class JobTemplate(models.Model):
     executor = models.CharField(max_length=16, default=TrainingJob.Executor.LOCAL)
     gpu_type = models.CharField(max_length=64, blank=True)
     spot = models.BooleanField(default=False)
+    training_file = models.ForeignKey(
+        "corpora.TrainingFile",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Start on this file; when empty the user picks one (newest ready preselected)",
+    )
+    notes = models.TextField(blank=True)
+    tags = models.JSONField(default=list, blank=True)
+    source_job = models.ForeignKey(
+        TrainingJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    use_count = models.PositiveIntegerField(default=0, help_text="Jobs started from it")
+    last_used_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -345,3 +360,42 @@ class JobTemplate(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class PlaygroundRun(models.Model):
+    """One prompt answered by the base model and by a job's adapter, side by side."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Generating"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="playground_runs")
+    system_prompt = models.TextField(blank=True)
+    prompt = models.TextField()
+    decoding = models.JSONField(default=dict, help_text="Decoding settings used")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
+    stage = models.CharField(max_length=100, blank=True, help_text="What it is doing now")
+    base_output = models.TextField(blank=True)
+    adapter_output = models.TextField(blank=True)
+    timings = models.JSONField(default=dict, blank=True, help_text="Seconds per phase")
+    token_counts = models.JSONField(default=dict, blank=True)
+    device = models.CharField(max_length=16, blank=True)
+    error_message = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
