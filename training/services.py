@@ -12,7 +12,7 @@ from urllib.parse import urljoin
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from billing import hooks as billing_hooks
@@ -34,8 +34,10 @@ from training.models import (
     BaseModel,
     Checkpoint,
     JobStatus,
+    JobTemplate,
     JobTransition,
     MetricPoint,
+    PlaygroundRun,
     Preset,
     Recovery,
     TrainingJob,
@@ -632,3 +634,519 @@ _HANDLERS = {
     "stopped": _on_stopped,
     "completed": _on_completed,
 }
+
+
+# --- Templates and playground ---------------------------------------------------------------
+# Job templates (save a job's configuration, start a job from it), the compare data of 2-4
+# jobs, and playground runs (a prompt answered by the base model and an adapter).
+
+COMPARE_MIN_JOBS = 2
+COMPARE_MAX_JOBS = 4
+COMPARE_MAX_POINTS = 1000  # per job and series, for the overlaid chart
+
+
+def _flat_configuration(configuration: dict) -> dict:
+    return {
+        **(configuration or {}).get("hyperparameters", {}),
+        **{k: v for k, v in (configuration or {}).items() if k != "hyperparameters"},
+    }
+
+
+def _clean_tags(tags: Iterable[str]) -> list[str]:
+    return sorted({t.strip().lower()[:50] for t in tags if t and t.strip()})
+
+
+def _template_name(name: str) -> str:
+    clean = (name or "").strip()
+    if not clean:
+        raise InvalidInput(
+            "Give the template a name.",
+            details={"fields": [{"field": "name", "message": "required"}]},
+        )
+    if len(clean) > 200:
+        raise InvalidInput(
+            "A template name has at most 200 characters.",
+            details={"fields": [{"field": "name", "message": "too long"}]},
+        )
+    if JobTemplate.objects.filter(name__iexact=clean).exists():
+        raise Conflict(
+            f"A template named '{clean}' exists already; pick another name.",
+            details={"fields": [{"field": "name", "message": "taken"}]},
+        )
+    return clean
+
+
+def job_template_create(
+    *,
+    user: AbstractUser | None,
+    name: str,
+    base_model: BaseModel,
+    preset: Preset | None = None,
+    overrides: dict | None = None,
+    training_file: TrainingFile | None = None,
+    description: str = "",
+    notes: str = "",
+    tags: Iterable[str] = (),
+    executor: str = TrainingJob.Executor.LOCAL,
+    gpu_type: str = "",
+    spot: bool = False,
+    source_job: TrainingJob | None = None,
+) -> JobTemplate:
+    """A template anyone on the team can start jobs from; the configuration is validated
+    now, so starting from it later fails only on the file or the budget."""
+    clean_name = _template_name(name)
+    if executor not in TrainingJob.Executor.values:
+        raise InvalidInput(
+            f"Unknown executor '{executor}'.",
+            details={"fields": [{"field": "executor", "message": "unknown"}]},
+        )
+    if not base_model.is_active:
+        raise InvalidInput(f"Base model {base_model.name} is not available.")
+    resolve_configuration(
+        preset_hyperparameters=preset.hyperparameters if preset else {},
+        overrides=overrides,
+        context_length=base_model.context_length,
+    )
+    try:
+        with transaction.atomic():
+            return JobTemplate.objects.create(
+                name=clean_name,
+                description=description.strip(),
+                base_model=base_model,
+                preset=preset,
+                overrides=dict(overrides or {}),
+                training_file=training_file,
+                notes=notes.strip(),
+                tags=_clean_tags(tags),
+                executor=executor,
+                gpu_type=gpu_type,
+                spot=spot,
+                source_job=source_job,
+                created_by=user,
+            )
+    except IntegrityError as exc:  # two saves with one name at once
+        raise Conflict(f"A template named '{clean_name}' exists already.") from exc
+
+
+def job_template_from_job(
+    *,
+    job: TrainingJob,
+    user: AbstractUser | None,
+    name: str,
+    description: str = "",
+    include_training_file: bool = True,
+) -> JobTemplate:
+    """Save a job's exact configuration (hyperparameters and run settings) as a template."""
+    if job.status in (S.FAILED, S.CANCELLED):
+        raise Conflict(
+            f"Only a job that did not fail can be saved as a template (this one is {job.status}).",
+            details={"status": job.status},
+        )
+    preset = job.preset
+    base = preset.hyperparameters if preset else {}
+    flat = _flat_configuration(job.configuration)
+    # Keep only what differs from the preset, so the template reads as "preset + changes".
+    overrides = {k: v for k, v in flat.items() if base.get(k, object()) != v}
+    if preset is None:
+        overrides = flat
+    return job_template_create(
+        user=user,
+        name=name,
+        base_model=job.base_model,
+        preset=preset,
+        overrides=overrides,
+        training_file=job.training_file if include_training_file else None,
+        description=description,
+        notes=job.notes,
+        tags=job.tags,
+        executor=job.executor,
+        gpu_type=job.gpu_type,
+        spot=job.spot,
+        source_job=job,
+    )
+
+
+def job_template_update(
+    *, template: JobTemplate, user: AbstractUser | None, **changes
+) -> JobTemplate:
+    """Change a template's name, description, notes, tags or training file."""
+    allowed = {"name", "description", "notes", "tags", "training_file"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise InvalidInput(f"These fields cannot be changed: {', '.join(sorted(unknown))}.")
+    if "name" in changes and changes["name"].strip().lower() != template.name.lower():
+        changes["name"] = _template_name(changes["name"])
+    elif "name" in changes:
+        changes["name"] = changes["name"].strip()
+    if "tags" in changes:
+        changes["tags"] = _clean_tags(changes["tags"])
+    for key, value in changes.items():
+        setattr(template, key, value)
+    template.save(update_fields=list(changes))
+    return template
+
+
+def job_template_delete(*, template: JobTemplate, user: AbstractUser | None) -> None:
+    template.delete()
+
+
+def job_template_default_file(*, template: JobTemplate) -> TrainingFile | None:
+    """The file a start preselects: the template's own when it is ready, else the newest
+    ready file."""
+    if template.training_file_id and template.training_file.is_ready:
+        return template.training_file
+    return TrainingFile.objects.ready().order_by("-created_at").first()
+
+
+def job_template_start(
+    *,
+    template: JobTemplate,
+    user: AbstractUser | None,
+    training_file: TrainingFile | None = None,
+    name: str = "",
+    start: bool = True,
+    override_reason: str = "",
+) -> TrainingJob:
+    """Create (and start) a job from a template. Nothing is written when it cannot start."""
+    training_file = training_file or template.training_file
+    if training_file is None:
+        raise InvalidInput(
+            "Choose a training file to start this template on.",
+            details={"fields": [{"field": "training_file_id", "message": "required"}]},
+        )
+    label = timezone.localtime().strftime("%Y-%m-%d %H:%M")
+    with transaction.atomic():
+        job = training_job_create(
+            user=user,
+            training_file=training_file,
+            base_model=template.base_model,
+            preset=template.preset,
+            overrides=template.overrides,
+            name=(name or "").strip()[:255] or f"{template.name} · {label}",
+            description=template.description,
+            notes=template.notes,
+            tags=template.tags,
+            executor=template.executor,
+            gpu_type=template.gpu_type,
+            spot=template.spot,
+        )
+        if start:
+            training_job_start(job=job, user=user, override_reason=override_reason)
+        JobTemplate.objects.filter(pk=template.pk).update(
+            use_count=F("use_count") + 1, last_used_at=timezone.now()
+        )
+    return job
+
+
+# Compare: (key, label, lower_is_better or None when there is no "best")
+COMPARE_METRICS = [
+    ("final_train_loss", "Final train loss", True),
+    ("final_val_loss", "Final validation loss", True),
+    ("perplexity_baseline", "Perplexity before", None),
+    ("perplexity_trained", "Perplexity after", True),
+    ("perplexity_improvement_pct", "Perplexity improvement (%)", False),
+    ("cost", "Cost (USD)", True),
+    ("duration_seconds", "Duration (s)", True),
+    ("steps", "Steps", None),
+]
+
+
+def _job_duration(job: TrainingJob) -> float | None:
+    if job.started_at is None or job.completed_at is None:
+        return None
+    return round((job.completed_at - job.started_at).total_seconds(), 1)
+
+
+def _best_indexes(values: list, lower_is_better: bool | None) -> set[int]:
+    present = [(i, v) for i, v in enumerate(values) if v is not None]
+    if lower_is_better is None or len(present) < 2 or len({v for _, v in present}) < 2:
+        return set()
+    best = min(v for _, v in present) if lower_is_better else max(v for _, v in present)
+    return {i for i, v in present if v == best}
+
+
+def _thin(points: list[list], limit: int) -> list[list]:
+    if len(points) <= limit:
+        return points
+    stride = -(-len(points) // limit)
+    last = len(points) - 1
+    return [p for i, p in enumerate(points) if i % stride == 0 or i == last]
+
+
+def training_jobs_compare(*, job_ids: Iterable) -> dict:
+    """2-4 jobs side by side: loss series for one chart, metrics with the best of each
+    marked, and every hyperparameter (rows that differ are flagged). Three queries."""
+    ids = list(dict.fromkeys(str(i) for i in job_ids))
+    if not COMPARE_MIN_JOBS <= len(ids) <= COMPARE_MAX_JOBS:
+        raise InvalidInput(
+            f"Pick {COMPARE_MIN_JOBS} to {COMPARE_MAX_JOBS} different jobs to compare "
+            f"({len(ids)} given).",
+            details={"fields": [{"field": "jobs", "message": "2 to 4 job ids"}]},
+        )
+    try:
+        uuids = [uuid.UUID(i) for i in ids]
+    except ValueError as exc:
+        raise InvalidInput(
+            "A job id is not valid.", details={"fields": [{"field": "jobs", "message": str(exc)}]}
+        ) from exc
+    found = {j.pk: j for j in TrainingJob.objects.for_list().filter(pk__in=uuids)}
+    missing = [str(u) for u in uuids if u not in found]
+    if missing:
+        raise InvalidInput(
+            f"No training job {', '.join(missing)}.",
+            details={"fields": [{"field": "jobs", "message": "not found"}], "missing": missing},
+        )
+    jobs = [found[u] for u in uuids]
+    series: dict = {j.pk: {"train": [], "val": []} for j in jobs}
+    rows = (
+        MetricPoint.objects.filter(job_id__in=uuids)
+        .filter(Q(train_loss__isnull=False) | Q(val_loss__isnull=False))
+        .order_by("job_id", "step")
+        .values_list("job_id", "step", "train_loss", "val_loss")
+    )
+    for job_id, step, train, val in rows.iterator(chunk_size=5000):
+        if train is not None:
+            series[job_id]["train"].append([step, train])
+        if val is not None:
+            series[job_id]["val"].append([step, val])
+
+    values_by_job = []
+    for job in jobs:
+        values_by_job.append(
+            {
+                "final_train_loss": job.final_train_loss,
+                "final_val_loss": job.final_val_loss,
+                "perplexity_baseline": job.perplexity_baseline,
+                "perplexity_trained": job.perplexity_trained,
+                "perplexity_improvement_pct": job.perplexity_improvement_pct,
+                "cost": float(job.cost_actual) if job.cost_actual is not None else None,
+                "duration_seconds": _job_duration(job),
+                "steps": job.current_step or None,
+            }
+        )
+    metrics = []
+    for key, label, lower in COMPARE_METRICS:
+        values = [v[key] for v in values_by_job]
+        best = _best_indexes(values, lower)
+        metrics.append(
+            {
+                "key": key,
+                "label": label,
+                "lower_is_better": lower,
+                "values": values,
+                "best": [i in best for i in range(len(jobs))],
+            }
+        )
+    flats = [_flat_configuration(j.configuration) for j in jobs]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    hyperparameters = [
+        {
+            "key": key,
+            "values": [flat.get(key) for flat in flats],
+            "differs": len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1,
+        }
+        for key in keys
+    ]
+    return {
+        "jobs": [
+            {
+                "id": str(j.pk),
+                "name": j.name,
+                "status": j.status,
+                "preset": j.preset.key if j.preset else None,
+                "base_model": j.base_model.name,
+                "training_file": j.training_file.name,
+                "created_at": j.created_at.isoformat(),
+                "train_loss": _thin(series[j.pk]["train"], COMPARE_MAX_POINTS),
+                "val_loss": _thin(series[j.pk]["val"], COMPARE_MAX_POINTS),
+            }
+            for j in jobs
+        ],
+        "metrics": metrics,
+        "hyperparameters": hyperparameters,
+    }
+
+
+def training_jobs_compare_csv(*, comparison: dict) -> str:
+    """The comparison as CSV: one row per metric or setting, one column per job."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    jobs = comparison["jobs"]
+    writer.writerow(["field", *[j["name"] for j in jobs], "best"])
+    writer.writerow(["job_id", *[j["id"] for j in jobs], ""])
+    for key in ("status", "preset", "base_model", "training_file"):
+        writer.writerow([key, *[j[key] or "" for j in jobs], ""])
+    for metric in comparison["metrics"]:
+        best = [jobs[i]["name"] for i, flag in enumerate(metric["best"]) if flag]
+        writer.writerow(
+            [
+                metric["key"],
+                *["" if v is None else v for v in metric["values"]],
+                "; ".join(best),
+            ]
+        )
+    for hp in comparison["hyperparameters"]:
+        writer.writerow(
+            [
+                hp["key"],
+                *[
+                    "" if v is None else (json.dumps(v) if isinstance(v, list | dict) else v)
+                    for v in hp["values"]
+                ],
+                "",
+            ]
+        )
+    return out.getvalue()
+
+
+def playground_run_create(
+    *,
+    job: TrainingJob,
+    user: AbstractUser | None,
+    prompt: str,
+    system_prompt: str = "",
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.1,
+    seed: int = 42,
+    enqueue: bool = True,
+) -> PlaygroundRun:
+    """Queue a prompt for the base model and the job's adapter (a Celery task runs it)."""
+    from training import playground
+
+    limit = getattr(settings, "PLAYGROUND_MAX_NEW_TOKENS_LIMIT", playground.MAX_NEW_TOKENS_LIMIT)
+    default = getattr(settings, "PLAYGROUND_MAX_NEW_TOKENS", playground.DEFAULT_MAX_NEW_TOKENS)
+    max_new_tokens = default if max_new_tokens is None else max_new_tokens
+    problems = []
+    prompt = (prompt or "").strip()
+    if not prompt:
+        problems.append({"field": "prompt", "message": "Type a prompt."})
+    elif len(prompt) > playground.MAX_PROMPT_CHARS:
+        problems.append(
+            {
+                "field": "prompt",
+                "message": f"At most {playground.MAX_PROMPT_CHARS} characters "
+                f"({len(prompt)} given).",
+            }
+        )
+    if len(system_prompt or "") > playground.MAX_PROMPT_CHARS:
+        problems.append(
+            {
+                "field": "system_prompt",
+                "message": f"At most {playground.MAX_PROMPT_CHARS} characters.",
+            }
+        )
+    if not 1 <= max_new_tokens <= limit:
+        problems.append({"field": "max_new_tokens", "message": f"Between 1 and {limit}."})
+    if not 0 <= temperature <= 2:
+        problems.append({"field": "temperature", "message": "Between 0 and 2."})
+    if not 0 < top_p <= 1:
+        problems.append({"field": "top_p", "message": "Above 0 and at most 1."})
+    if not 1 <= repetition_penalty <= 2:
+        problems.append({"field": "repetition_penalty", "message": "Between 1 and 2."})
+    if not 0 <= seed <= 2**31 - 1:
+        problems.append({"field": "seed", "message": "Between 0 and 2147483647."})
+    if problems:
+        raise InvalidInput(
+            "; ".join(f"{p['field']}: {p['message']}" for p in problems),
+            details={"fields": problems},
+        )
+    if job.status != S.COMPLETED or not job.artifacts.filter(kind=Artifact.Kind.ADAPTER).exists():
+        raise Conflict(
+            "The playground needs a completed job with an adapter "
+            f"('{job.name}' is {job.get_status_display().lower()}).",
+            details={"status": job.status},
+        )
+    decoding = playground.Decoding(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    with transaction.atomic():
+        run = PlaygroundRun.objects.create(
+            job=job,
+            prompt=prompt,
+            system_prompt=(system_prompt or "").strip(),
+            decoding=decoding.as_dict(),
+            stage="Waiting for a worker",
+            created_by=user,
+        )
+        if enqueue:
+            run_id = str(run.pk)
+            from training.tasks import run_playground
+
+            transaction.on_commit(lambda: run_playground.delay(run_id))
+    return run
+
+
+PLAYGROUND_STALE_AFTER = timedelta(minutes=15)
+
+
+def playground_run_execute(*, run_id: str, device: str = "auto") -> PlaygroundRun | None:
+    """Claim a queued run (or one whose worker died) and generate. Safe to run twice."""
+    from training import playground
+
+    now = timezone.now()
+    claimable = Q(status=PlaygroundRun.Status.QUEUED) | Q(
+        status=PlaygroundRun.Status.RUNNING, started_at__lt=now - PLAYGROUND_STALE_AFTER
+    )
+    claimed = (
+        PlaygroundRun.objects.filter(claimable, pk=run_id).update(
+            status=PlaygroundRun.Status.RUNNING,
+            started_at=now,
+            stage="Starting",
+            error_message="",
+        )
+        == 1
+    )
+    if not claimed:
+        return None
+    run = PlaygroundRun.objects.select_related("job__base_model").get(pk=run_id)
+
+    def stage(text: str) -> None:
+        PlaygroundRun.objects.filter(pk=run.pk).update(stage=text[:100])
+
+    adapter = Artifact.objects.filter(job_id=run.job_id, kind=Artifact.Kind.ADAPTER).first()
+    try:
+        if adapter is None:
+            raise FileNotFoundError("The job has no adapter artifact any more.")
+        d = run.decoding
+        decoding = playground.Decoding(
+            **{k: d[k] for k in playground.Decoding.__dataclass_fields__ if k in d}
+        )
+        result = playground.generate_pair(
+            base_model=run.job.base_model,
+            adapter_storage_path=adapter.storage_path,
+            prompt=run.prompt,
+            system_prompt=run.system_prompt,
+            decoding=decoding,
+            device=getattr(settings, "PLAYGROUND_DEVICE", device),
+            stage=stage,
+        )
+    except Exception as exc:
+        logger.exception("playground run %s failed", run.pk)
+        PlaygroundRun.objects.filter(pk=run.pk).update(
+            status=PlaygroundRun.Status.FAILED,
+            stage="",
+            error_message=f"{type(exc).__name__}: {exc}"[:2000],
+            completed_at=timezone.now(),
+        )
+    else:
+        PlaygroundRun.objects.filter(pk=run.pk).update(
+            status=PlaygroundRun.Status.COMPLETED,
+            stage="",
+            base_output=result.base_output,
+            adapter_output=result.adapter_output,
+            timings=result.timings,
+            token_counts=result.token_counts,
+            device=result.device,
+            completed_at=timezone.now(),
+        )
+    run.refresh_from_db()
+    return run
