@@ -123,6 +123,9 @@ def classify(error_type: str, message: str, details: dict, config: dict) -> Clas
         return _nan(details, config)
     if error_type == "TimeoutError":
         return _timeout(details, config)
+    if error_type == "GPUProvisioningError" and details.get("suggestion"):
+        title, default_message, _ = _SIMPLE[error_type]
+        return ClassifiedError(error_type, title, message or default_message, details["suggestion"])
     if error_type in _SIMPLE:
         title, default_message, fix = _SIMPLE[error_type]
         return ClassifiedError(error_type, title, message or default_message, fix)
@@ -138,3 +141,23 @@ def apply_changes(config: dict, changes: dict) -> dict:
     new = copy.deepcopy(config)
     new.setdefault("hyperparameters", {}).update(changes)
     return new
+
+
+class GPUProvisioningError(Exception):
+    """The provider has no capacity for the GPU type right now (raised by an executor's launch).
+
+    ``suggestion`` is what the person can do; the launch is retried with backoff meanwhile.
+    """
+
+    error_type = "GPUProvisioningError"
+
+    def __init__(self, message: str, *, gpu_type: str, spot: bool, suggestion: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.gpu_type = gpu_type
+        self.spot = spot
+        self.suggestion = suggestion or (
+            "Retry in a few minutes, or switch to on-demand."
+            if spot
+            else "Retry in a few minutes, or choose another GPU type."
+        )

@@ -164,6 +164,10 @@ class TrainingJob(models.Model):
     last_event_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # A launch the provider refused (no capacity, API unreachable) is retried with backoff.
+    launch_waiting_since = models.DateTimeField(null=True, blank=True)
+    launch_retry_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    launch_tries = models.PositiveIntegerField(default=0)
 
     objects = TrainingJobQuerySet.as_manager()
 
@@ -187,6 +191,16 @@ class TrainingJob(models.Model):
         if not self.perplexity_baseline or self.perplexity_trained is None:
             return None
         return round(100 * (1 - self.perplexity_trained / self.perplexity_baseline), 2)
+
+    @property
+    def spot_for_next_launch(self) -> bool:
+        """Spot again after a preemption, until RUNPOD_ON_DEMAND_AFTER_PREEMPTIONS of them."""
+        limit = settings.RUNPOD_ON_DEMAND_AFTER_PREEMPTIONS
+        return self.spot and (limit <= 0 or self.recovery_count < limit)
+
+    @property
+    def waiting_for_capacity(self) -> bool:
+        return self.status == JobStatus.PROVISIONING and self.launch_retry_at is not None
 
     @property
     def recovery_summary(self) -> str:
@@ -290,6 +304,42 @@ class Recovery(models.Model):
         if self.relaunched_at is None:
             return None
         return (self.relaunched_at - self.detected_at).total_seconds()
+
+
+class TrainingPod(models.Model):
+    """One provider instance (a RunPod pod) per launch, kept until it is terminated:
+    a stopped pod still bills for its storage, so every pod here must end terminated."""
+
+    class State(models.TextChoices):
+        STARTING = "starting", "Starting"
+        RUNNING = "running", "Running"
+        EXITED = "exited", "Exited"
+        GONE = "gone", "Gone"
+        TERMINATED = "terminated", "Terminated"
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="pods")
+    attempt = models.PositiveIntegerField()
+    pod_id = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    gpu_type = models.CharField(max_length=100, help_text="The provider's GPU type id")
+    gpu_count = models.PositiveSmallIntegerField(default=1)
+    cloud_type = models.CharField(max_length=16, blank=True)
+    spot = models.BooleanField(default=False)
+    bid_per_gpu = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
+    cost_per_hour = models.DecimalField(max_digits=8, decimal_places=4, null=True, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.STARTING)
+    detail = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True, help_text="Seen exited or gone")
+    terminated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["terminated_at"])]
+
+    def __str__(self) -> str:
+        return self.pod_id
 
 
 class Artifact(models.Model):
