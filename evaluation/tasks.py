@@ -1,0 +1,27 @@
+"""Celery tasks: thin wrappers that load by ID and call a service."""
+
+from celery import shared_task
+from django.conf import settings
+
+from evaluation import services
+from evaluation.models import ValidationRun
+
+
+@shared_task(
+    name="evaluation.tasks.execute_validation_run",
+    acks_late=True,
+    soft_time_limit=settings.EVALUATION_TASK_TIME_LIMIT,
+    time_limit=settings.EVALUATION_TASK_TIME_LIMIT + 60,
+)
+def execute_validation_run(run_id: str) -> str | None:
+    run = services.validation_run_execute(run_id=run_id)
+    return run.status if run else None
+
+
+@shared_task(name="evaluation.tasks.recompute_validation_metrics", acks_late=True)
+def recompute_validation_metrics(run_id: str) -> bool:
+    run = ValidationRun.objects.select_related("job").filter(pk=run_id).first()
+    if run is None or run.status != "completed":
+        return False
+    services.validation_metrics_recompute(run=run)
+    return True
