@@ -84,6 +84,27 @@ def _timed(fn: Callable[[], str]) -> dict:
     }
 
 
+def providers() -> dict:
+    """GPU providers: configured or not, and how the last real call went. Never calls out, so
+    a probe costs nothing and a provider outage does not make this process unready."""
+    runpod = {"configured": bool(settings.RUNPOD_API_KEY)}
+    if runpod["configured"]:
+        try:
+            last = cache.get("runpod:last-call")  # written by training/executors/runpod.py
+        except Exception:
+            last = None
+        runpod["last_call"] = last
+        runpod["detail"] = (
+            "configured; no API call yet"
+            if not last
+            else f"configured; last call ({last['what']}) {'ok' if last['ok'] else 'failed'} "
+            f"at {last['at']}" + (f": {last['error']}" if last.get("error") else "")
+        )
+    else:
+        runpod["detail"] = "not configured (RUNPOD_API_KEY unset): local executor only"
+    return {"runpod": runpod}
+
+
 def readiness(timeout: float = CHECK_TIMEOUT_S) -> dict:
     pool = ThreadPoolExecutor(max_workers=len(CHECKS), thread_name_prefix="readyz")
     futures = {name: pool.submit(_timed, fn) for name, fn in CHECKS.items()}
@@ -100,4 +121,9 @@ def readiness(timeout: float = CHECK_TIMEOUT_S) -> dict:
                 "detail": f"no answer within {timeout:g} s",
             }
     degraded = [name for name, result in checks.items() if result["status"] != "ok"]
-    return {"status": "degraded" if degraded else "ok", "degraded": degraded, "checks": checks}
+    return {
+        "status": "degraded" if degraded else "ok",
+        "degraded": degraded,
+        "checks": checks,
+        "providers": providers(),
+    }

@@ -20,3 +20,19 @@ def reconcile_training_jobs() -> dict:
 def run_playground(run_id: str) -> str | None:
     run = services.playground_run_execute(run_id=run_id)
     return run.status if run else None
+
+
+@shared_task(name="training.tasks.retry_training_job_launch", acks_late=True)
+def retry_training_job_launch(job_id: str) -> str | None:
+    job = services.training_job_launch_retry(job_id=job_id)
+    return job.status if job else None
+
+
+@shared_task(name="training.tasks.release_training_job_pods", acks_late=True, ignore_result=True)
+def release_training_job_pods(job_id: str) -> list[str]:
+    return services.training_job_release_pods(job_id=job_id)
+
+
+@shared_task(name="training.tasks.sweep_runpod_pods", acks_late=True, ignore_result=True)
+def sweep_runpod_pods() -> dict:
+    return services.runpod_pods_sweep()

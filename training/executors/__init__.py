@@ -8,6 +8,10 @@ def get_executor(name: str) -> Executor:
         from training.executors.local import LocalExecutor
 
         return LocalExecutor()
+    if name == "runpod":
+        from training.executors.runpod import RunPodExecutor
+
+        return RunPodExecutor()
     raise ValueError(f"Unknown executor '{name}'")
 
 
