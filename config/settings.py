@@ -220,6 +220,7 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "worker-heartbeat": {"task": "config.tasks.worker_heartbeat", "schedule": 60.0},
     "reconcile-training-jobs": {"task": "training.tasks.reconcile_training_jobs", "schedule": 20.0},
+    "sweep-runpod-pods": {"task": "training.tasks.sweep_runpod_pods", "schedule": 300.0},
     "refresh-gpu-prices": {
         "task": "billing.tasks.refresh_gpu_prices",
         "schedule": crontab(minute=0),
@@ -296,7 +297,33 @@ BILLING_VARIANCE_ALERT_PERCENT = env.float("BILLING_VARIANCE_ALERT_PERCENT", def
 BILLING_ALERT_EMAILS = env.list("BILLING_ALERT_EMAILS", default=[])
 
 # --- External services (used by later parts; listed here so readiness can report them) --------
+# RunPod executor (training/executors/runpod.py). Without an API key only the local executor runs.
 RUNPOD_API_KEY = env.str("RUNPOD_API_KEY", default="")
+# The GraphQL API's base URL (the SDK's RUNPOD_API_BASE_URL); empty = https://api.runpod.io.
+RUNPOD_API_BASE_URL = env.str("RUNPOD_API_BASE_URL", default="")
+# The training worker image (gpu/Dockerfile), pushed where RunPod can pull it.
+RUNPOD_IMAGE = env.str("RUNPOD_IMAGE", default="ghcr.io/crucible/worker:latest")
+RUNPOD_CLOUD_TYPE = env.str("RUNPOD_CLOUD_TYPE", default="SECURE")  # SECURE, COMMUNITY or ALL
+RUNPOD_GPU_COUNT = env.int("RUNPOD_GPU_COUNT", default=1)
+RUNPOD_CONTAINER_DISK_GB = env.int("RUNPOD_CONTAINER_DISK_GB", default=50)
+# The model cache: a network volume (persists across pods and data centres' restarts) or a
+# pod volume of RUNPOD_VOLUME_GB; mounted at RUNPOD_VOLUME_MOUNT_PATH.
+RUNPOD_NETWORK_VOLUME_ID = env.str("RUNPOD_NETWORK_VOLUME_ID", default="")
+RUNPOD_DATA_CENTER_ID = env.str("RUNPOD_DATA_CENTER_ID", default="")
+RUNPOD_VOLUME_GB = env.int("RUNPOD_VOLUME_GB", default=100)
+RUNPOD_VOLUME_MOUNT_PATH = env.str("RUNPOD_VOLUME_MOUNT_PATH", default="/runpod-volume")
+# Spot bid per GPU = RunPod's minimum bid times this factor.
+RUNPOD_SPOT_BID_MULTIPLIER = env.float("RUNPOD_SPOT_BID_MULTIPLIER", default=1.0)
+# After this many preemptions a spot job is relaunched on-demand (0 = always spot again).
+RUNPOD_ON_DEMAND_AFTER_PREEMPTIONS = env.int("RUNPOD_ON_DEMAND_AFTER_PREEMPTIONS", default=2)
+# No capacity (or RunPod unreachable) at launch: retry with exponential backoff from
+# RUNPOD_LAUNCH_BACKOFF_S up to RUNPOD_LAUNCH_BACKOFF_MAX_S, for RUNPOD_LAUNCH_RETRY_WINDOW_S.
+RUNPOD_LAUNCH_BACKOFF_S = env.float("RUNPOD_LAUNCH_BACKOFF_S", default=30.0)
+RUNPOD_LAUNCH_BACKOFF_MAX_S = env.float("RUNPOD_LAUNCH_BACKOFF_MAX_S", default=300.0)
+RUNPOD_LAUNCH_RETRY_WINDOW_S = env.int("RUNPOD_LAUNCH_RETRY_WINDOW_S", default=1800)
+# Pods this installation creates are named "<prefix>-<job id>-a<attempt>"; the orphan sweep
+# only ever terminates pods with this prefix.
+RUNPOD_POD_NAME_PREFIX = env.str("RUNPOD_POD_NAME_PREFIX", default="crucible")
 HF_TOKEN = env.str("HF_TOKEN", default="")
 
 # --- Evaluation -------------------------------------------------------------------------------

@@ -120,15 +120,36 @@ class JobOut(JobListOut):
     final_train_loss: float | None
     final_val_loss: float | None
     attempt: int
+    gpu_type: str
+    spot: bool
     last_heartbeat_at: datetime | None
     stages: list[dict]
     recoveries: list[dict]
+    pods: list[dict]
 
     @staticmethod
     def resolve_stages(obj: TrainingJob) -> list[dict]:
         return [
             {"from": t.from_status, "to": t.to_status, "at": t.at, "reason": t.reason}
             for t in obj.transitions.all()
+        ]
+
+    @staticmethod
+    def resolve_pods(obj: TrainingJob) -> list[dict]:
+        return [
+            {
+                "pod_id": p.pod_id,
+                "attempt": p.attempt,
+                "gpu_type": p.gpu_type,
+                "gpu_count": p.gpu_count,
+                "spot": p.spot,
+                "bid_per_gpu": float(p.bid_per_gpu) if p.bid_per_gpu is not None else None,
+                "state": p.state,
+                "created_at": p.created_at,
+                "ended_at": p.ended_at,
+                "terminated_at": p.terminated_at,
+            }
+            for p in obj.pods.all()
         ]
 
     @staticmethod
@@ -194,7 +215,7 @@ class JobFilters(Schema):
 def _job(job_id: UUID, *, detail: bool = False) -> TrainingJob:
     queryset = TrainingJob.objects.for_list()
     if detail:
-        queryset = queryset.prefetch_related("transitions", "recoveries")
+        queryset = queryset.prefetch_related("transitions", "recoveries", "pods")
     job = queryset.filter(pk=job_id).first()
     if job is None:
         raise NotFound(f"No training job {job_id}.", details={"id": str(job_id)})
@@ -351,6 +372,19 @@ def jobs_cancel(request: HttpRequest, job_id: UUID):
 def jobs_retry(request: HttpRequest, job_id: UUID):
     retry = services.training_job_retry(job=_job(job_id), user=request.auth)
     return Status(201, _job(retry.pk, detail=True))
+
+
+@router.post(
+    "/training/jobs/{job_id}/switch-to-on-demand",
+    response={200: JobOut, **ERRORS},
+    auth=requires("run_jobs"),
+)
+def jobs_switch_to_on_demand(request: HttpRequest, job_id: UUID):
+    """Run a RunPod spot job on on-demand instances: at once when it waits for spot capacity,
+    from its next relaunch when it runs; a job that failed for lack of spot capacity starts
+    again as a new on-demand job, which is returned (its ``retry_of_id`` is this job)."""
+    job = services.training_job_switch_to_on_demand(job=_job(job_id), user=request.auth)
+    return _job(job.pk, detail=True)
 
 
 @router.get(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -16,7 +17,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from billing import hooks as billing_hooks
-from config.errors import Conflict, InvalidInput, NotAuthenticated
+from config.errors import Conflict, ExternalServiceError, InvalidInput, NotAuthenticated
 from config.storage import (
     storage_path_from_uri,
     storage_size,
@@ -41,6 +42,7 @@ from training.models import (
     Preset,
     Recovery,
     TrainingJob,
+    TrainingPod,
     WebhookEvent,
 )
 from training.webhooks import signature_problem
@@ -83,6 +85,8 @@ def _transition(job: TrainingJob, to: str, *, reason: str = "", **fields) -> Tra
     if to in TERMINAL_STATUSES:
         updates.setdefault("completed_at", now)
         transaction.on_commit(lambda: billing_hooks.job_finished(job=job))
+        if job.executor == TrainingJob.Executor.RUNPOD:
+            transaction.on_commit(lambda: _enqueue_release(job))
     if TrainingJob.objects.filter(pk=job.pk, status=current).update(**updates) != 1:
         job.refresh_from_db()
         raise Conflict(
@@ -296,27 +300,261 @@ def training_job_launch(*, job_id: str) -> TrainingJob | None:
             S.PROVISIONING,
             reason="relaunching after interruption" if recovering else "launching",
         )
+        # The previous instance's handle goes: its pod is released by the reconcile step.
         TrainingJob.objects.filter(pk=job.pk).update(
-            attempt=F("attempt") + 1, output_uri=storage_uri(job_output_path(job))
+            attempt=F("attempt") + 1,
+            output_uri=storage_uri(job_output_path(job)),
+            executor_ref="",
+            launch_waiting_since=None,
+            launch_retry_at=None,
+            launch_tries=0,
         )
         job.refresh_from_db()
+    return _start_worker(job)
+
+
+def training_job_launch_retry(*, job_id: str) -> TrainingJob | None:
+    """Try again a launch the provider refused (no capacity, unreachable). Safe to run twice."""
+    job = TrainingJob.objects.filter(pk=job_id).first()
+    if job is None or not job.waiting_for_capacity or job.executor_ref:
+        return None
+    claimed = TrainingJob.objects.filter(
+        pk=job.pk, status=S.PROVISIONING, executor_ref="", launch_retry_at=job.launch_retry_at
+    ).update(launch_retry_at=None)
+    if claimed != 1:
+        return None
+    job.refresh_from_db()
+    return _start_worker(job)
+
+
+def _start_worker(job: TrainingJob) -> TrainingJob:
     spec, env = training_job_spec(job=job)
+    executor = get_executor(job.executor)
     try:
-        ref = get_executor(job.executor).launch(
-            job_id=str(job.pk), attempt=job.attempt, spec=spec, env=env
-        )
+        ref = executor.launch(job_id=str(job.pk), attempt=job.attempt, spec=spec, env=env)
+    except training_errors.GPUProvisioningError as exc:
+        details = {"gpu_type": exc.gpu_type, "spot": exc.spot, "suggestion": exc.suggestion}
+        return _launch_later(job, exc.error_type, exc.message, details)
+    except ExternalServiceError as exc:
+        if exc.transient:  # the provider's or the network's fault: not the job's
+            return _launch_later(job, "NetworkError", exc.message, {"service": exc.service})
+        logger.warning("launch of job %s refused: %s", job.pk, exc.message)
+        return _fail(job, "WorkerError", f"The worker could not be started: {exc.message}", {})
     except Exception as exc:
         logger.exception("launch of job %s failed", job.pk)
-        _fail(job, "WorkerError", f"The worker could not be started: {exc}", {})
-        return job
+        return _fail(job, "WorkerError", f"The worker could not be started: {exc}", {})
     now = timezone.now()
-    TrainingJob.objects.filter(pk=job.pk).update(
-        executor_ref=ref, started_at=job.started_at or now, last_heartbeat_at=now
+    updates = {
+        "executor_ref": ref,
+        "started_at": job.started_at or now,
+        "last_heartbeat_at": now,
+        "launch_waiting_since": None,
+        "launch_retry_at": None,
+        "launch_tries": 0,
+    }
+    if job.launch_tries and job.error_type in ("GPUProvisioningError", "NetworkError"):
+        updates |= {"error_type": "", "error_message": "", "error_details": {}}
+    stored = (
+        TrainingJob.objects.filter(pk=job.pk, executor_ref="")
+        .exclude(status__in=TERMINAL_STATUSES)
+        .update(**updates)
     )
-    if recovering:
-        Recovery.objects.filter(job=job, relaunched_at__isnull=True).update(relaunched_at=now)
+    if stored != 1:
+        # Cancelled (or failed) while the instance was being created: give it back.
+        logger.info("job %s ended during its launch: releasing %s", job.pk, ref)
+        executor.cancel(ref=ref, force=True)
+        job.refresh_from_db()
+        return job
+    Recovery.objects.filter(job=job, relaunched_at__isnull=True).update(relaunched_at=now)
     job.refresh_from_db()
     return job
+
+
+def _launch_later(job: TrainingJob, error_type: str, message: str, details: dict) -> TrainingJob:
+    """No capacity or no answer: retry with exponential backoff and jitter for a bounded time
+    (RUNPOD_LAUNCH_RETRY_WINDOW_S), then fail with the error and its suggestion."""
+    now = timezone.now()
+    job.refresh_from_db()
+    since = job.launch_waiting_since or now
+    window = timedelta(seconds=settings.RUNPOD_LAUNCH_RETRY_WINDOW_S)
+    tries = job.launch_tries + 1
+    if now - since >= window:
+        waited = int((now - since).total_seconds())
+        return _fail(
+            job,
+            error_type,
+            f"{message} (tried {tries} times over {waited} s)",
+            {**details, "tries": tries},
+        )
+    delay = min(
+        settings.RUNPOD_LAUNCH_BACKOFF_MAX_S,
+        settings.RUNPOD_LAUNCH_BACKOFF_S * 2 ** (tries - 1),
+    ) * random.uniform(0.75, 1.25)  # jitter
+    retry_at = min(now + timedelta(seconds=delay), since + window)
+    classified = training_errors.classify(error_type, message, details, job.configuration)
+    TrainingJob.objects.filter(pk=job.pk, status=S.PROVISIONING, executor_ref="").update(
+        launch_waiting_since=since,
+        launch_retry_at=retry_at,
+        launch_tries=tries,
+        error_type=classified.error_type,
+        error_message=classified.message,
+        error_details={
+            **details,
+            "title": classified.title,
+            "fix": classified.fix,
+            "suggested_changes": {},
+            "retryable": True,
+            "waiting": True,
+            "tries": tries,
+            "next_try_at": retry_at.isoformat(),
+            "gives_up_at": (since + window).isoformat(),
+        },
+    )
+    logger.info("job %s: %s; try %s again at %s", job.pk, message, tries + 1, retry_at)
+    job.refresh_from_db()
+    return job
+
+
+def _enqueue_launch_retry(job: TrainingJob) -> None:
+    job_id = str(job.pk)
+    if settings.TRAINING_LAUNCH_INLINE:
+        transaction.on_commit(lambda: training_job_launch_retry(job_id=job_id))
+        return
+    from training.tasks import retry_training_job_launch
+
+    transaction.on_commit(lambda: retry_training_job_launch.delay(job_id))
+
+
+def training_job_switch_to_on_demand(*, job: TrainingJob, user: AbstractUser | None) -> TrainingJob:
+    """Run a spot job on on-demand instances from now on (seed: "switch to on-demand").
+
+    Waiting for spot capacity: launched on-demand at once. Running: its next (re)launch is
+    on-demand. Failed for lack of spot capacity: a new on-demand job from its configuration
+    is started and returned.
+    """
+    if job.executor != TrainingJob.Executor.RUNPOD:
+        raise Conflict(
+            "Only RunPod jobs run on spot instances; this job runs on the local executor.",
+            details={"executor": job.executor},
+        )
+    if job.status == S.FAILED and job.spot and job.error_type == "GPUProvisioningError":
+        with transaction.atomic():
+            retry = training_job_retry(job=job, user=user, start=False)
+            TrainingJob.objects.filter(pk=retry.pk).update(spot=False)
+            retry.refresh_from_db()
+            training_job_start(job=retry, user=user)
+        return retry
+    if job.is_terminal:
+        raise Conflict(
+            f"A {job.status} job cannot switch to on-demand.", details={"status": job.status}
+        )
+    if not job.spot:
+        raise Conflict("The job already runs on on-demand instances.", details={"spot": False})
+    now = timezone.now()
+    with transaction.atomic():
+        updated = (
+            TrainingJob.objects.filter(pk=job.pk, spot=True)
+            .exclude(status__in=TERMINAL_STATUSES)
+            .update(spot=False)
+        )
+        if updated != 1:
+            job.refresh_from_db()
+            raise Conflict(
+                f"The job changed to {job.status} meanwhile.", details={"status": job.status}
+            )
+        job.refresh_from_db()
+        _on_warning(
+            job,
+            {
+                "code": "switched_to_on_demand",
+                "message": f"Switched to on-demand instances by {user or 'system'}.",
+            },
+        )
+        if job.waiting_for_capacity:
+            # A fresh retry window for on-demand, starting now.
+            TrainingJob.objects.filter(pk=job.pk).update(
+                launch_retry_at=now, launch_waiting_since=None, launch_tries=0
+            )
+            job.refresh_from_db()
+            _enqueue_launch_retry(job)
+    job.refresh_from_db()
+    return job
+
+
+# --- Instances (RunPod pods) ----------------------------------------------------------------
+
+
+def _enqueue_release(job: TrainingJob) -> None:
+    job_id = str(job.pk)
+    if settings.TRAINING_LAUNCH_INLINE:
+        training_job_release_pods(job_id=job_id)
+        return
+    from training.tasks import release_training_job_pods
+
+    release_training_job_pods.delay(job_id)
+
+
+def _pod_still_needed(pod: TrainingPod, job: TrainingJob) -> bool:
+    if job.is_terminal:
+        return False
+    if pod.pod_id == job.executor_ref:
+        return True
+    # Created by a launch that has not stored its handle yet.
+    return not job.executor_ref and pod.attempt == job.attempt
+
+
+def _release_pods(pods: Iterable[TrainingPod]) -> list[str]:
+    released = []
+    for pod in pods:
+        if _pod_still_needed(pod, pod.job):
+            continue
+        try:
+            get_executor(pod.job.executor).release(ref=pod.pod_id)
+        except Exception as exc:  # tried again at the next reconcile
+            logger.warning("could not terminate pod %s of job %s: %s", pod.pod_id, pod.job_id, exc)
+            continue
+        released.append(pod.pod_id)
+    return released
+
+
+def training_job_release_pods(*, job_id: str) -> list[str]:
+    """Terminate the job's pods it no longer needs (all of them once it has ended)."""
+    return _release_pods(
+        TrainingPod.objects.filter(job_id=job_id, terminated_at__isnull=True).select_related("job")
+    )
+
+
+def runpod_pods_sweep() -> dict:
+    """Terminate every pod of this installation that no active job owns (orphans: a launch
+    whose answer was lost, a pod left by a crash). Pods of other installations or people on
+    the same RunPod account (other name prefix) are never touched."""
+    from training.executors.runpod import configured, parse_pod_name
+
+    summary: dict = {"pods": 0, "terminated": [], "released": []}
+    # Pods the platform knows about first (a stopped pod bills until terminated).
+    summary["released"] = _release_pods(
+        TrainingPod.objects.filter(terminated_at__isnull=True).select_related("job")
+    )
+    if not configured():
+        return summary
+    executor = get_executor(TrainingJob.Executor.RUNPOD)
+    pods = executor.list_pods()
+    summary["pods"] = len(pods)
+    owned = set(
+        TrainingJob.objects.active().exclude(executor_ref="").values_list("executor_ref", flat=True)
+    )
+    for pod in pods:
+        parsed = parse_pod_name(pod.get("name") or "")
+        if parsed is None or pod["id"] in owned:
+            continue
+        job_id, attempt = parsed
+        job = TrainingJob.objects.filter(pk=job_id).first()
+        if job is not None and job.is_active and not job.executor_ref and job.attempt == attempt:
+            continue  # its launch is storing the handle right now
+        executor.release(ref=pod["id"])
+        logger.warning("terminated orphan pod %s (%s)", pod["id"], pod.get("name"))
+        summary["terminated"].append(pod["id"])
+    return summary
 
 
 def _fail(
@@ -374,9 +612,11 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
     billing_hooks.accrue(now=now)
     grace = timedelta(seconds=settings.TRAINING_CANCEL_GRACE_S)
     # Cancelled jobs whose worker ignores SIGTERM get killed after the grace period.
-    for job in TrainingJob.objects.filter(
-        status=S.CANCELLED, cancel_requested_at__lt=now - grace
-    ).exclude(executor_ref=""):
+    for job in (
+        TrainingJob.objects.filter(status=S.CANCELLED, cancel_requested_at__lt=now - grace)
+        .exclude(executor_ref="")
+        .exclude(executor=TrainingJob.Executor.RUNPOD)  # terminated by the pod release below
+    ):
         executor = get_executor(job.executor)
         if executor.status(ref=job.executor_ref).alive:
             executor.cancel(ref=job.executor_ref, force=True)
@@ -417,6 +657,17 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
                 reason=f"no heartbeat for {int((now - job.last_heartbeat_at).total_seconds())} s",
             )
             summary["recovered"] += 1
+    summary["launch_retries"] = 0
+    for job in TrainingJob.objects.filter(
+        status=S.PROVISIONING, executor_ref="", launch_retry_at__lte=now
+    ):
+        _enqueue_launch_retry(job)
+        summary["launch_retries"] += 1
+    # Pods of ended jobs and of earlier attempts (a preempted spot pod stays "stopped" and
+    # bills for its storage until terminated).
+    summary["pods_released"] = len(
+        _release_pods(TrainingPod.objects.filter(terminated_at__isnull=True).select_related("job"))
+    )
     return summary
 
 
