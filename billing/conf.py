@@ -12,6 +12,9 @@ BILLING_SPOT_INTERRUPTIONS_PER_HOUR 0.02   expected spot interruptions per GPU h
 BILLING_TEMPLATE_TOKEN_FACTOR     1.15     model tokens per approximate token of the file
                                            (chat template markers, tokenizer differences)
 BILLING_WORDS_TO_TOKENS           1.35     tokens per word when a file has no token count
+BILLING_LOCAL_CONTENTION_ALLOWANCE 0.5     the local executor shares the machine's CPU: the
+                                           high end of its estimates is stretched by this
+                                           share of the point (other load can slow a run)
 BILLING_ALERT_EMAILS              []       extra recipients of budget alerts (admins get them)
 BILLING_LOCAL_GPU_TYPE            cpu-local  price catalog entry of the local executor
 BILLING_RUNPOD_GPU_TYPE           h100-pcie-80gb  RunPod jobs that name no GPU type
@@ -64,6 +67,10 @@ def template_token_factor() -> float:
 
 def words_to_tokens() -> float:
     return float(_get("BILLING_WORDS_TO_TOKENS", 1.35))
+
+
+def local_contention_allowance() -> float:
+    return float(_get("BILLING_LOCAL_CONTENTION_ALLOWANCE", 0.5))
 
 
 def alert_emails() -> list[str]:

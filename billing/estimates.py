@@ -10,25 +10,50 @@ The model
 * **Steps.** The worker packs conversations into rows of at most max_seq_length tokens (about
   95% full), so rows = tokens / (0.95 x max_seq_length), steps per epoch =
   ceil(ceil(rows / micro_batch) / gradient_accumulation) and steps = max_steps, or steps per
-  epoch x epochs. Tokens processed = steps x tokens per step.
-* **Training time** = c0 x steps + c1 x tokens processed (a per-step overhead and the inverse
-  of the throughput). Fitted on completed jobs of the same base model and GPU type (the same
-  preset's when there are at least two, and without recoveries), from their measured time in
-  the ``training`` status (JobTransition rows): least squares on both coefficients with three
-  or more jobs of different sizes, else the prior's shape scaled to fit. Without history, the
-  prior: ``PRIOR_THROUGHPUT`` tokens/s for a 1B-parameter model on that GPU type, divided by
-  the model's size in billions, and ``PRIOR_STEP_OVERHEAD_S``.
+  epoch x epochs. Tokens processed = steps x tokens per step. Checkpoints (each with an
+  evaluation of the validation split) = steps // checkpoint_every_steps.
+* **Training time** (the ``training`` status) =
+  start + c0 x steps + c1 x tokens processed + checkpoint x checkpoints:
+  a fixed start (the first step's warm-up), a per-step overhead, the inverse of the
+  throughput and the cost of one checkpoint with its evaluation.
+* **Fit.** On completed jobs of the same base model, GPU type and executor (the same
+  preset's when there are at least two; jobs without recoveries), from their measured time in
+  the ``training`` status (JobTransition rows); newer jobs weigh more (x ``RECENCY_DECAY`` per
+  job), errors are relative. With fewer than ``FREE_FIT_JOBS`` jobs the prior's shape is
+  scaled to fit (the machine is faster or slower than the prior, the shape holds); with more,
+  non-negative least squares (scipy.optimize.nnls) on all four coefficients, held near the
+  scaled prior by one pseudo-job per coefficient (``PRIOR_WEIGHT``) so that few, similar jobs
+  cannot drive a coefficient anywhere.
+* **The prior** (no history), per GPU type (``PRIOR``): throughput in tokens/s for a model of
+  1B parameters (divided by the model's size in billions), per-step overhead, start and
+  checkpoint seconds.
+  - ``cpu-local`` is measured on this project's machine: the worker training the Smoke preset
+    (SmolLM2-135M, LoRA r=8, 2 packed rows of 512 tokens a step, 2 quiet CPU cores) runs
+    ~7.5 s a step (~127 tokens/s -> 17 tokens/s x 1B), its first step takes ~7 s more, each
+    checkpoint with its evaluation ~10 s; provisioning (interpreter and library imports) ~6 s,
+    preprocessing and model loading ~1 s each, finalization (save, perplexity of the base and
+    the trained model on the validation split) ~23 s.
+  - ``h100-pcie-80gb`` and other GPUs: not measured here (no GPU). LoRA training costs ~4 x
+    parameters FLOPs a token (no gradient of the frozen weights); at a third of an H100
+    PCIe's ~750 dense bf16 TFLOPs/s that is 60,000 tokens/s for a 1B model. Phases from the
+    seed (provisioning 2-5 minutes), the weights' download at ``PRIOR_DOWNLOAD_BYTES_PER_S``.
 * **Phases** (provisioning, preprocessing, model loading, finalization): the median measured
-  duration of each in the same history, else ``PRIOR_PHASES`` (model loading on RunPod from
-  the weights' size at ``PRIOR_DOWNLOAD_BYTES_PER_S``).
+  duration of each over the newest ``PHASE_HISTORY`` jobs of the same history, else the
+  prior's.
 * **Spot.** Expected interruptions = ``BILLING_SPOT_INTERRUPTIONS_PER_HOUR`` x hours; each
   costs a relaunch (provisioning + preprocessing + model loading) plus half a checkpoint
   interval of lost steps. The high end of a spot range allows at least one interruption.
 * **Range.** +-spread around the point: the largest relative error of the fitted model on its
   own history plus 2 points (at least 5%), 15% with one job of history, 35% with none.
+  The local executor shares its CPU with whatever else runs on the machine (other jobs,
+  tests, editors): a run can be slower than anything in the history, never much faster, so
+  the high end of a local estimate is further stretched by
+  ``BILLING_LOCAL_CONTENTION_ALLOWANCE`` x the point (0.5 by default: half as long again).
 
-While a job trains, ``reestimate_running`` replaces the model by the job's own measured
-seconds per step (from its metric timestamps) for the ETA and the final cost.
+While a job trains, ``reestimate_running`` measures the job's own speed: its measured time
+in training so far against what the model predicted for the steps it has done; that ratio
+scales the model's remaining time (steps, checkpoints, finalization) for the ETA and the
+final cost.
 """
 
 from __future__ import annotations
@@ -42,22 +67,33 @@ from decimal import ROUND_HALF_UP, Decimal
 from billing import conf
 
 PACK_EFFICIENCY = 0.95
-PRIOR_THROUGHPUT = {"h100-pcie-80gb": 60_000.0, "cpu-local": 40.0}  # tokens/s x 1B params
-PRIOR_THROUGHPUT_DEFAULT = 30_000.0
-PRIOR_STEP_OVERHEAD_S = {"cpu-local": 0.5}
-PRIOR_STEP_OVERHEAD_DEFAULT_S = 0.05
-PRIOR_PHASES = {
-    "local": {
-        "provisioning": 3.0,
-        "preprocessing": 10.0,
-        "model_loading": 20.0,
-        "finalization": 60.0,
+# Per GPU type: training and evaluation throughput in tokens/s x 1B parameters; seconds per
+# step, at the start of training, for finalization (besides its evaluations) and per checkpoint
+# (besides its evaluation). The module docstring says where the figures come from.
+PRIOR = {
+    "cpu-local": {
+        "throughput": 17.0,
+        "eval_throughput": 71.0,
+        "step_s": 0.5,
+        "start_s": 7.0,
+        "final_s": 2.0,
+        "checkpoint_s": 0.5,
     },
+}
+PRIOR_DEFAULT = {
+    "throughput": 60_000.0,
+    "eval_throughput": 180_000.0,
+    "step_s": 0.05,
+    "start_s": 30.0,
+    "final_s": 600.0,
+    "checkpoint_s": 15.0,
+}
+PRIOR_PHASES = {
+    "local": {"provisioning": 6.0, "preprocessing": 1.0, "model_loading": 1.0},
     "runpod": {
         "provisioning": 210.0,  # the seed: RunPod provisions an H100 in 2-5 minutes
         "preprocessing": 60.0,
         "model_loading": None,  # from the weights' size
-        "finalization": 600.0,
     },
 }
 PRIOR_DOWNLOAD_BYTES_PER_S = 200e6
@@ -66,7 +102,13 @@ ONE_JOB_SPREAD = 0.15
 MIN_SPREAD = 0.05
 MAX_SPREAD = 0.6
 HISTORY_LIMIT = 50
+PHASE_HISTORY = 5
+RECENCY_DECAY = 0.8
+FREE_FIT_JOBS = 4
+PRIOR_WEIGHT = 0.002
 PHASES = ("provisioning", "preprocessing", "model_loading", "finalization")
+LAUNCH_PHASES = PHASES[:3]  # the rest (training, finalization) is the fitted model's
+COEFFICIENTS = ("fixed_s", "step_s", "token_s", "checkpoint_s", "eval_token_s")
 HELD_STATUSES = frozenset(
     {"provisioning", "preprocessing", "model_loading", "training", "finalization"}
 )
@@ -120,31 +162,72 @@ class Work:
     steps: int
     tokens_per_step: float
     tokens_processed: float
+    checkpoint_every: int = 100
+    val_tokens: float = 0.0
+
+    @property
+    def checkpoints(self) -> int:
+        return self.steps // self.checkpoint_every
+
+    def features(self) -> tuple[float, ...]:
+        """The model's inputs, in the order of COEFFICIENTS."""
+        return (
+            1.0,
+            float(self.steps),
+            self.tokens_processed,
+            float(self.checkpoints),
+            (self.checkpoints + 2) * self.val_tokens,
+        )
 
 
 def train_tokens_for(*, training_file, configuration: dict, known: dict | None = None) -> tuple:
-    """(train tokens, where the figure comes from)."""
-    if known and known.get("train_tokens"):
-        return int(known["train_tokens"]), "dataset report of an earlier job on this file"
+    """(train tokens, where the figure comes from, validation tokens)."""
     split = float(configuration.get("validation_split", 0.2))
+    if known and known.get("train_tokens"):
+        tokens = int(known["train_tokens"])
+        val = known.get("val_tokens")
+        if val is None:
+            val = tokens * split / (1 - split)
+        return tokens, "dataset report of an earlier job on this file", float(val)
     if training_file.token_count:
         tokens, source = training_file.token_count, "approximate token count of the file"
     else:
         tokens = training_file.word_count * conf.words_to_tokens()
         source = f"word count x {conf.words_to_tokens()}"
-    return max(1, round(tokens * (1 - split) * conf.template_token_factor())), source
+    scaled = tokens * conf.template_token_factor()
+    return max(1, round(scaled * (1 - split))), source, scaled * split
 
 
-def work_for(*, train_tokens: int, configuration: dict, token_source: str = "") -> Work:
+def work_for(
+    *,
+    train_tokens: int,
+    configuration: dict,
+    token_source: str = "",
+    val_tokens: float = 0.0,
+    steps: int | None = None,
+) -> Work:
+    """The work of a configuration (``steps``: the steps a finished job really ran)."""
     hp = configuration["hyperparameters"]
     max_seq = int(hp["max_seq_length"])
     micro = int(hp["micro_batch_size"])
     accum = int(hp["gradient_accumulation_steps"])
     rows = max(1, math.ceil(train_tokens / (max_seq * PACK_EFFICIENCY)))
     per_epoch = max(1, math.ceil(math.ceil(rows / micro) / accum))
-    steps = int(hp["max_steps"]) if hp.get("max_steps") else per_epoch * int(hp["num_epochs"])
+    if steps is None:
+        steps = int(hp["max_steps"]) if hp.get("max_steps") else per_epoch * int(hp["num_epochs"])
     per_step = train_tokens / per_epoch
-    return Work(train_tokens, token_source, rows, per_epoch, steps, per_step, per_step * steps)
+    every = max(1, int(configuration.get("checkpoint_every_steps", 100)))
+    return Work(
+        train_tokens,
+        token_source,
+        rows,
+        per_epoch,
+        steps,
+        per_step,
+        per_step * steps,
+        every,
+        float(val_tokens),
+    )
 
 
 # --- History --------------------------------------------------------------------------------
@@ -152,15 +235,14 @@ def work_for(*, train_tokens: int, configuration: dict, token_source: str = "") 
 
 @dataclass
 class Sample:
-    steps: int
-    tokens: float
-    training_s: float
+    work: Work
+    training_s: float  # the training and finalization statuses
     phases: dict
     held_s: float
-    checkpoint_every: int
 
 
 def _history(*, base_model, gpu_type: str, preset_id, executor: str) -> list[Sample]:
+    """Completed jobs like this one, newest first."""
     from training.models import JobStatus, TrainingJob
 
     jobs = list(
@@ -187,53 +269,86 @@ def _history(*, base_model, gpu_type: str, preset_id, executor: str) -> list[Sam
         stages = stage_seconds(transitions, now=end)
         if not stages.get("training"):
             continue
-        tokens, _source = train_tokens_for(
+        tokens, _source, val_tokens = train_tokens_for(
             training_file=job.training_file,
             configuration=job.configuration,
             known=job.dataset_report,
         )
-        work = work_for(train_tokens=tokens, configuration=job.configuration)
-        steps = job.current_step or job.total_steps or work.steps
+        work = work_for(
+            train_tokens=tokens,
+            configuration=job.configuration,
+            val_tokens=val_tokens,
+            steps=job.current_step or job.total_steps or None,
+        )
         held = sum((b - a).total_seconds() for a, b in held_intervals(transitions, now=end))
         samples.append(
             Sample(
-                steps=steps,
-                tokens=work.tokens_per_step * steps,
-                training_s=stages["training"],
+                work=work,
+                training_s=stages["training"] + stages.get("finalization", 0.0),
                 phases={p: stages.get(p, 0.0) for p in PHASES},
                 held_s=held,
-                checkpoint_every=int(job.configuration.get("checkpoint_every_steps", 100)),
             )
         )
     return samples
 
 
-def _prior_coefficients(*, base_model, gpu_type: str) -> tuple[float, float]:
+def _prior_coefficients(*, base_model, gpu_type: str) -> tuple[float, ...]:
+    """The COEFFICIENTS without history; see the module docstring."""
+    prior = PRIOR.get(gpu_type, PRIOR_DEFAULT)
     billions = max(base_model.parameters / 1e9, 0.01)
-    throughput = PRIOR_THROUGHPUT.get(gpu_type, PRIOR_THROUGHPUT_DEFAULT) / billions
-    overhead = PRIOR_STEP_OVERHEAD_S.get(gpu_type, PRIOR_STEP_OVERHEAD_DEFAULT_S)
-    return overhead, 1.0 / throughput
-
-
-def _fit(samples: list[Sample], prior: tuple[float, float]) -> tuple[float, float]:
-    """(c0, c1) of training seconds = c0 x steps + c1 x tokens."""
-    if len(samples) >= 3:
-        sss = sum(s.steps * s.steps for s in samples)
-        sst = sum(s.steps * s.tokens for s in samples)
-        stt = sum(s.tokens * s.tokens for s in samples)
-        sy = sum(s.steps * s.training_s for s in samples)
-        ty = sum(s.tokens * s.training_s for s in samples)
-        det = sss * stt - sst * sst
-        if det > 1e-9 * sss * stt:
-            c0 = (sy * stt - ty * sst) / det
-            c1 = (sss * ty - sst * sy) / det
-            if c0 >= 0 and c1 > 0:
-                return c0, c1
-    shape = [prior[0] * s.steps + prior[1] * s.tokens for s in samples]
-    scale = sum(p * s.training_s for p, s in zip(shape, samples, strict=True)) / sum(
-        p * p for p in shape
+    return (
+        prior["start_s"] + prior["final_s"],
+        prior["step_s"],
+        billions / prior["throughput"],
+        prior["checkpoint_s"],
+        billions / prior["eval_throughput"],
     )
-    return prior[0] * scale, prior[1] * scale
+
+
+def _start_share(gpu_type: str) -> float:
+    """The share of the fixed seconds spent when training starts (the rest: finalization)."""
+    prior = PRIOR.get(gpu_type, PRIOR_DEFAULT)
+    return prior["start_s"] / (prior["start_s"] + prior["final_s"])
+
+
+def _predict(coefficients, work: Work) -> float:
+    return sum(c * x for c, x in zip(coefficients, work.features(), strict=True))
+
+
+def _fit(samples: list[Sample], prior: tuple) -> tuple[float, ...]:
+    """Coefficients of the training time, fitted on ``samples`` (newest first).
+
+    Relative errors, weights RECENCY_DECAY ** age. The prior's shape scaled to fit; with
+    FREE_FIT_JOBS jobs or more, every coefficient free (non-negative) but held near the
+    scaled prior by a pseudo-job of weight PRIOR_WEIGHT each.
+    """
+    weights = [RECENCY_DECAY**i for i in range(len(samples))]
+    ratios = [_predict(prior, s.work) / s.training_s for s in samples]
+    scale = sum(w * r for w, r in zip(weights, ratios, strict=True)) / sum(
+        w * r * r for w, r in zip(weights, ratios, strict=True)
+    )
+    scaled = tuple(c * scale for c in prior)
+    if len(samples) < FREE_FIT_JOBS:
+        return scaled
+    import numpy as np
+    from scipy.optimize import nnls
+
+    free = [j for j, c in enumerate(scaled) if c > 0]
+    # Unknowns relative to the scaled prior (theta_j = u_j x scaled_j) keep the system
+    # well conditioned although tokens and steps differ by orders of magnitude.
+    rows, targets = [], []
+    for w, s in zip(weights, samples, strict=True):
+        x = s.work.features()
+        rows.append([math.sqrt(w) * x[j] * scaled[j] / s.training_s for j in free])
+        targets.append(math.sqrt(w))
+    for k in range(len(free)):
+        rows.append([math.sqrt(PRIOR_WEIGHT) * (1.0 if i == k else 0.0) for i in range(len(free))])
+        targets.append(math.sqrt(PRIOR_WEIGHT))
+    solution, _residual = nnls(np.array(rows), np.array(targets))
+    fitted = list(scaled)
+    for u, j in zip(solution, free, strict=True):
+        fitted[j] = float(u) * scaled[j]
+    return tuple(fitted)
 
 
 # --- The estimate -------------------------------------------------------------------------------
@@ -256,6 +371,7 @@ class Estimate:
     spread: float
     basis: str
     history_jobs: int
+    model: dict = field(default_factory=dict)
     duration_seconds: dict = field(default_factory=dict)
     cost_spot: dict = field(default_factory=dict)
     cost_on_demand: dict = field(default_factory=dict)
@@ -286,11 +402,13 @@ def _duration_text(seconds: float) -> tuple[float, str]:
 
 
 def range_text(low_s: float, high_s: float) -> str:
-    value_low, unit = _duration_text(low_s)
-    value_high = high_s / {"seconds": 1, "minutes": 60, "hours": 3600}[unit]
-    if unit == "hours" and value_high < 10:
-        return f"{value_low:.1f}-{value_high:.1f} hours"
-    return f"{math.floor(value_low)}-{math.ceil(value_high)} {unit}"
+    """'12-15 hours', '3.3-6.7 minutes' (one unit, chosen by the high end)."""
+    _, unit = _duration_text(high_s)
+    per_unit = {"seconds": 1, "minutes": 60, "hours": 3600}[unit]
+    low, high = low_s / per_unit, high_s / per_unit
+    if unit != "seconds" and high < 10:
+        return f"{low:.1f}-{high:.1f} {unit}"
+    return f"{math.floor(low)}-{math.ceil(high)} {unit}"
 
 
 def money_text(low: float, high: float) -> str:
@@ -329,10 +447,15 @@ def estimate(
         ),
         None,
     )
-    tokens, token_source = train_tokens_for(
+    tokens, token_source, val_tokens = train_tokens_for(
         training_file=training_file, configuration=configuration, known=known
     )
-    work = work_for(train_tokens=tokens, configuration=configuration, token_source=token_source)
+    work = work_for(
+        train_tokens=tokens,
+        configuration=configuration,
+        token_source=token_source,
+        val_tokens=val_tokens,
+    )
     gpu_type = price.gpu_type
     samples = _history(
         base_model=base_model, gpu_type=gpu_type, preset_id=preset_id, executor=executor
@@ -343,10 +466,11 @@ def estimate(
         phase_prior["model_loading"] = 60 + base_model.size_bytes / PRIOR_DOWNLOAD_BYTES_PER_S
 
     if samples:
-        c0, c1 = _fit(samples, prior)
-        phases = {p: statistics.median(s.phases[p] for s in samples) for p in PHASES}
+        coefficients = _fit(samples, prior)
+        recent = samples[:PHASE_HISTORY]
+        launch = {p: statistics.median(s.phases[p] for s in recent) for p in LAUNCH_PHASES}
         errors = [
-            abs((sum(phases.values()) + c0 * s.steps + c1 * s.tokens) / s.held_s - 1)
+            abs((sum(launch.values()) + _predict(coefficients, s.work)) / s.held_s - 1)
             for s in samples
             if s.held_s > 0
         ]
@@ -356,16 +480,21 @@ def estimate(
             spread = min(MAX_SPREAD, max(MIN_SPREAD, max(errors, default=0) + 0.02))
         basis = "history"
     else:
-        c0, c1 = prior
-        phases = phase_prior
+        coefficients = prior
+        launch = phase_prior
         spread = PRIOR_SPREAD
         basis = "prior"
 
-    training_s = c0 * work.steps + c1 * work.tokens_processed
+    c = dict(zip(COEFFICIENTS, coefficients, strict=True))
+    start_share = _start_share(gpu_type)
+    model_s = _predict(coefficients, work)  # training + finalization
+    finalization_s = c["fixed_s"] * (1 - start_share) + 2 * work.val_tokens * c["eval_token_s"]
+    training_s = model_s - finalization_s
+    phases = {**launch, "finalization": finalization_s}
     seconds_per_step = training_s / work.steps
-    base_s = training_s + sum(phases.values())
-    relaunch = phases["provisioning"] + phases["preprocessing"] + phases["model_loading"]
-    lost = seconds_per_step * int(configuration.get("checkpoint_every_steps", 100)) / 2
+    base_s = model_s + sum(launch.values())
+    relaunch = sum(launch.values())
+    lost = seconds_per_step * work.checkpoint_every / 2
     per_interruption = relaunch + lost
     expected = conf.spot_interruptions_per_hour() * base_s / 3600
     recovery = {
@@ -374,6 +503,8 @@ def estimate(
         "point": expected * per_interruption,
         "high": max(1, math.ceil(2 * expected)) * per_interruption,
     }
+    # The local executor shares its CPU: a run can be slower than its history, not faster.
+    contention = conf.local_contention_allowance() if executor == "local" else 0.0
 
     def durations(with_spot: bool) -> dict:
         extra_point = recovery["point"] if with_spot else 0.0
@@ -381,7 +512,7 @@ def estimate(
         return {
             "low": base_s * (1 - spread),
             "point": base_s + extra_point,
-            "high": base_s * (1 + spread) + extra_high,
+            "high": base_s * (1 + spread + contention) + extra_high,
         }
 
     spot_rate = float(price.spot_per_hour)
@@ -403,6 +534,14 @@ def estimate(
         spread=round(spread, 4),
         basis=basis,
         history_jobs=len(samples),
+        model={
+            "coefficients": c,
+            "start_share": start_share,
+            "tokens_per_step": work.tokens_per_step,
+            "checkpoint_every": work.checkpoint_every,
+            "val_tokens": work.val_tokens,
+            "contention_allowance": contention,
+        },
         duration_seconds=spot_d if spot else demand_d,
         cost_spot={k: v * spot_rate / 3600 for k, v in spot_d.items()},
         cost_on_demand={k: v * demand_rate / 3600 for k, v in demand_d.items()},
@@ -420,12 +559,23 @@ def estimate(
 
 
 def reestimate_running(
-    *, job, transitions, last_point, rate_per_hour: float, accrued: float, now: datetime, phases
+    *,
+    job,
+    transitions,
+    last_point,
+    rate_per_hour: float,
+    accrued: float,
+    now: datetime,
+    estimate: dict | None = None,
 ) -> dict | None:
     """ETA and final cost of a training job from its own measured speed.
 
-    Seconds per step = (time of the newest metric point - when this attempt entered
-    ``training``) / steps since then (resumed attempts start at their recovery's step).
+    Measured: the time from when this attempt entered ``training`` to its newest metric
+    point, over the steps since then (resumed attempts start at their recovery's step).
+    With the model of the job's estimate (``estimate``: JobCost.estimate), the ratio of that
+    time to what the model predicts for the same steps (warm-up and checkpoints included)
+    scales the model's remaining time: steps, checkpoints and finalization. Without one, the
+    measured seconds per step times the steps left, plus the estimate's finalization.
     Needs at least one measured step; returns None before.
     """
     if job.status != "training" or not job.total_steps or last_point is None:
@@ -442,14 +592,35 @@ def reestimate_running(
     elapsed = (last_point.recorded_at - started).total_seconds()
     if done < 1 or elapsed <= 0:
         return None
-    per_step = elapsed / done
     left_steps = max(0, job.total_steps - last_point.step)
-    finalization = float((phases or {}).get("finalization", 0.0))
     since_point = max(0.0, (now - last_point.recorded_at).total_seconds())
-    seconds_left = max(0.0, left_steps * per_step - since_point) + finalization
+    estimate = estimate or {}
+    model = estimate.get("model") or {}
+    c = model.get("coefficients")
+    if c:
+        every = max(1, int(model["checkpoint_every"]))
+        val_tokens = float(model["val_tokens"])
+        share = float(model["start_share"])
+        model_per_step = c["step_s"] + c["token_s"] * float(model["tokens_per_step"])
+        per_checkpoint = c["checkpoint_s"] + c["eval_token_s"] * val_tokens
+        # A step's checkpoint is saved after its metric point is recorded.
+        checkpoints_done = (last_point.step - 1) // every - from_step // every
+        predicted = c["fixed_s"] * share + model_per_step * done + per_checkpoint * checkpoints_done
+        ratio = min(20.0, max(0.05, elapsed / predicted)) if predicted > 0 else 1.0
+        checkpoints_left = job.total_steps // every - (last_point.step - 1) // every
+        finalization = c["fixed_s"] * (1 - share) + 2 * val_tokens * c["eval_token_s"]
+        left = model_per_step * left_steps + per_checkpoint * checkpoints_left + finalization
+        seconds_left = max(0.0, ratio * left - since_point)
+        per_step = ratio * model_per_step
+    else:
+        per_step = elapsed / done
+        finalization = float((estimate.get("phases") or {}).get("finalization", 0.0))
+        seconds_left = max(0.0, left_steps * per_step - since_point) + finalization
+        ratio = None
     final_cost = accrued + seconds_left * rate_per_hour / 3600
     return {
         "seconds_per_step": round(per_step, 4),
+        "speed_vs_estimate": round(ratio, 3) if ratio is not None else None,
         "measured_steps": done,
         "seconds_left": round(seconds_left, 1),
         "eta": (now + timedelta(seconds=seconds_left)).isoformat(),

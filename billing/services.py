@@ -611,7 +611,7 @@ def job_cost_accrue(*, job, now: datetime, cost: JobCost | None = None) -> JobCo
             rate_per_hour=float(cost.rate_per_hour),
             accrued=float(cost.accrued),
             now=now,
-            phases=(cost.estimate or {}).get("phases"),
+            estimate=cost.estimate,
         )
         if projection:
             cost.projection = projection

@@ -92,7 +92,8 @@ def test_prior_estimate_gives_ranges_for_spot_and_on_demand(training_file, smoll
 
 def test_range_text_reads_like_the_seed():
     assert range_text(12 * 3600, 15 * 3600) == "12-15 hours"
-    assert range_text(200, 400) == "3-7 minutes"
+    assert range_text(200, 400) == "3.3-6.7 minutes"
+    assert range_text(30, 90) == "30-90 seconds"
 
 
 def test_spot_adds_expected_recovery_overhead(training_file, smollm):
