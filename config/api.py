@@ -158,12 +158,16 @@ def _register_routers() -> None:
     from billing.api import router as billing_router
     from config.api_routes import router as core_router
     from corpora.api import router as corpora_router
+    from evaluation.api import router as evaluation_router
     from training.api import router as training_router
+    from training.api_tools import router as training_tools_router
 
     api.add_router("", core_router)
     api.add_router("", corpora_router)
     api.add_router("", training_router)
+    api.add_router("", training_tools_router)
     api.add_router("", billing_router)
+    api.add_router("", evaluation_router)
 
 
 _register_routers()
