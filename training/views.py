@@ -1,36 +1,52 @@
-"""Training pages: the job list and one job's page, with htmx partials for the live parts.
+"""Training pages: the job list, the new-job form, one job's page and its chart data.
 
-Actions (cancel, retry) and downloads go through the JSON API (/api/v1/training/...), which
-accepts the browser session; these views only read.
+Actions on a job (cancel, retry, switch to on-demand) and downloads go through the JSON API
+(/api/v1/training/...), which accepts the browser session. The new-job form and the notes
+and tags editor post here and call training.services.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import logging
+import math
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 
+from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db.models import Avg, Count, F, Q
-from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import render
-from django.urls import reverse
+from django.db import transaction
+from django.db.models import Avg, Count, DurationField, ExpressionWrapper, F, Q
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
+from django.utils.dateparse import parse_date
+from django.views.decorators.http import require_POST
 
+from billing import services as billing_services
+from config.errors import CrucibleError
+from config.storage import storage_open
 from config.views import dashboard_view
+from corpora.models import TrainingFile
+from training import charts, services
+from training.forms import ADVANCED_FIELDS, AnnotateForm, NewJobForm, runpod_available
 from training.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     JobStatus,
-    MetricPoint,
+    JobTemplate,
     Preset,
     TrainingJob,
     WebhookEvent,
 )
 
+logger = logging.getLogger("crucible.training")
+
 PAGE_SIZE = 25
 EVENT_LIMIT = 50
-CHART_MAX_POINTS = 2000
 LIVE_REFRESH_S = 5
 MINUS = "\u2212"  # a typographic minus for perplexity deltas
 
@@ -148,18 +164,72 @@ def _decorate(job: TrainingJob, now: datetime) -> TrainingJob:
 # --- List ----------------------------------------------------------------------------------
 
 
+SORTS = {
+    "-created": ("Newest first", ("-created_at", "-id")),
+    "created": ("Oldest first", ("created_at", "id")),
+    "name": ("Name A to Z", ("name", "id")),
+    "-cost": ("Cost, highest first", ("-cost_actual", "-created_at")),
+    "cost": ("Cost, lowest first", ("cost_actual", "-created_at")),
+    "-duration": ("Longest first", (F("duration").desc(nulls_last=True), "-created_at")),
+    "duration": ("Shortest first", (F("duration").asc(nulls_last=True), "-created_at")),
+    "status": ("Status", ("status", "-created_at")),
+}
+# Column headers that sort: the first click sorts the natural way for that column.
+SORTABLE_COLUMNS = {"job": "name", "cost": "-cost", "duration": "-duration", "status": "status"}
+
+
+def _money(value: str) -> Decimal | None:
+    try:
+        amount = Decimal(value.strip().lstrip("$"))
+    except (InvalidOperation, AttributeError):
+        return None
+    return amount if amount.is_finite() and amount >= 0 else None
+
+
 def _list_filters(request: HttpRequest) -> dict:
-    status = request.GET.get("status", "")
+    """The list's filters from the query string; values that do not parse are dropped and
+    reported in ``invalid`` (the page says which)."""
+    get = request.GET
+    status = get.get("status", "")
     if status not in dict(STATUS_FILTERS):
         status = ""
-    return {
+    filters = {
         "status": status,
-        "q": request.GET.get("q", "").strip()[:200],
-        "preset": request.GET.get("preset", "").strip()[:32],
+        "q": get.get("q", "").strip()[:200],
+        "preset": get.get("preset", "").strip()[:32],
+        "creator": get.get("creator", "").strip()[:150],
+        "tag": get.get("tag", "").strip().lower()[:50],
+        "from": "",
+        "to": "",
+        "cost_min": "",
+        "cost_max": "",
     }
+    invalid = []
+    for key, label in (("from", "From date"), ("to", "To date")):
+        raw = get.get(key, "").strip()
+        if raw:
+            try:
+                parsed = parse_date(raw)
+            except ValueError:
+                parsed = None
+            if parsed is None:
+                invalid.append(f"{label} must be a date like 2026-11-30.")
+            else:
+                filters[key] = parsed.isoformat()
+    for key, label in (("cost_min", "Minimum cost"), ("cost_max", "Maximum cost")):
+        raw = get.get(key, "").strip()
+        if raw:
+            if _money(raw) is None:
+                invalid.append(f"{label} must be an amount in dollars, like 25 or 12.50.")
+            else:
+                filters[key] = raw.strip().lstrip("$")
+    if filters["from"] and filters["to"] and filters["from"] > filters["to"]:
+        invalid.append("The from date is after the to date.")
+    sort = get.get("sort", "")
+    return {"filters": filters, "sort": sort if sort in SORTS else "-created", "invalid": invalid}
 
 
-def _filtered_jobs(filters: dict):
+def _filtered_jobs(filters: dict, sort: str = "-created"):
     jobs = TrainingJob.objects.for_list()
     if filters["status"] == "active":
         jobs = jobs.active()
@@ -167,10 +237,32 @@ def _filtered_jobs(filters: dict):
         jobs = jobs.filter(status=filters["status"])
     if filters["preset"]:
         jobs = jobs.filter(preset__key=filters["preset"])
+    if filters["creator"]:
+        jobs = jobs.filter(created_by__username=filters["creator"])
+    if filters["tag"]:
+        # The JSON text holds each tag quoted; this works on SQLite and PostgreSQL alike.
+        jobs = jobs.filter(tags__icontains=json.dumps(filters["tag"]))
     if filters["q"]:
         q = filters["q"]
         jobs = jobs.filter(Q(name__icontains=q) | Q(notes__icontains=q) | Q(tags__icontains=q))
-    return jobs.order_by("-created_at", "-id")
+    tz = timezone.get_current_timezone()
+    if filters["from"]:
+        day = datetime.fromisoformat(filters["from"])
+        jobs = jobs.filter(created_at__gte=timezone.make_aware(day, tz))
+    if filters["to"]:
+        day = datetime.fromisoformat(filters["to"]) + timedelta(days=1)
+        jobs = jobs.filter(created_at__lt=timezone.make_aware(day, tz))
+    if filters["cost_min"]:
+        jobs = jobs.filter(cost_actual__gte=_money(filters["cost_min"]))
+    if filters["cost_max"]:
+        jobs = jobs.filter(cost_actual__lte=_money(filters["cost_max"]))
+    if sort in ("duration", "-duration"):
+        jobs = jobs.annotate(
+            duration=ExpressionWrapper(
+                F("completed_at") - F("started_at"), output_field=DurationField()
+            )
+        )
+    return jobs.order_by(*SORTS[sort][1])
 
 
 def _summary() -> dict:
@@ -196,10 +288,36 @@ def _wants_partial(request: HttpRequest, target: str) -> bool:
     return bool(htmx) and not htmx.history_restore_request and htmx.target == target
 
 
+def _sort_links(request: HttpRequest, sort: str) -> dict:
+    """Per sortable column: the URL that sorts by it (or flips it) and its aria-sort."""
+    links = {}
+    for column, natural in SORTABLE_COLUMNS.items():
+        key = natural.lstrip("-")
+        current = sort.lstrip("-") == key
+        if current:
+            target = key if sort.startswith("-") else f"-{key}"
+            state = "descending" if sort.startswith("-") else "ascending"
+        else:
+            target, state = natural, "none"
+        query = request.GET.copy()
+        query["sort"] = target
+        query.pop("page", None)
+        links[column] = {"url": f"?{query.urlencode()}", "aria": state, "active": current}
+    return links
+
+
+def _reverse_or_none(name: str) -> str | None:
+    try:
+        return reverse(name)
+    except NoReverseMatch:
+        return None
+
+
 @dashboard_view
 def index(request: HttpRequest) -> HttpResponse:
-    filters = _list_filters(request)
-    page = Paginator(_filtered_jobs(filters), PAGE_SIZE).get_page(request.GET.get("page"))
+    parsed = _list_filters(request)
+    filters, sort = parsed["filters"], parsed["sort"]
+    page = Paginator(_filtered_jobs(filters, sort), PAGE_SIZE).get_page(request.GET.get("page"))
     now = timezone.now()
     jobs = [_decorate(job, now) for job in page.object_list]
     context = {
@@ -207,10 +325,18 @@ def index(request: HttpRequest) -> HttpResponse:
         "page": page,
         "jobs": jobs,
         "filters": filters,
+        "sort": sort,
+        "sorts": [(key, label) for key, (label, _) in SORTS.items()],
+        "sort_links": _sort_links(request, sort),
+        "invalid": parsed["invalid"],
         "filtered": any(filters.values()),
+        "more_filters": any(
+            filters[k] for k in ("creator", "tag", "from", "to", "cost_min", "cost_max")
+        ),
         "any_active": any(job.is_active for job in jobs),
         "refresh_s": LIVE_REFRESH_S,
         "can_run": request.user.has_perm("core.run_jobs"),
+        "compare_url": _reverse_or_none("training:compare"),
     }
     if _wants_partial(request, "training-jobs"):
         response = render(request, "training/index.html#job-table", context)
@@ -218,11 +344,26 @@ def index(request: HttpRequest) -> HttpResponse:
         context |= {
             "status_filters": STATUS_FILTERS,
             "presets": list(Preset.objects.only("key", "name")),
+            "creators": _creators(),
             "summary": _summary(),
+            "new_url": reverse("training:new"),
         }
         response = render(request, "training/index.html", context)
     patch_vary_headers(response, ["HX-Request", "HX-Target"])
     return response
+
+
+def _creators() -> list[tuple[str, str]]:
+    """Everyone who created a job: (username, display name), one query."""
+    from django.contrib.auth import get_user_model
+
+    users = (
+        get_user_model()
+        .objects.filter(pk__in=TrainingJob.objects.values("created_by"))
+        .order_by("username")
+        .only("username", "first_name", "last_name")
+    )
+    return [(u.get_username(), u.get_full_name() or u.get_username()) for u in users]
 
 
 # --- Detail --------------------------------------------------------------------------------
@@ -260,22 +401,6 @@ def _timeline(job: TrainingJob, now: datetime) -> list[dict]:
         else:
             entry["duration"] = ""
     return entries
-
-
-def _chart_points(job: TrainingJob) -> list[dict]:
-    rows = list(
-        MetricPoint.objects.filter(job=job)
-        .order_by("step")
-        .values_list("step", "train_loss", "val_loss", "learning_rate")
-    )
-    if len(rows) > CHART_MAX_POINTS:
-        # Keep every evaluation and the last point; thin the per-step training loss.
-        stride = -(-len(rows) // CHART_MAX_POINTS)
-        last = len(rows) - 1
-        rows = [r for i, r in enumerate(rows) if i % stride == 0 or i == last or r[2] is not None]
-    return [
-        {"step": s, "train_loss": t, "val_loss": v, "learning_rate": lr} for s, t, v, lr in rows
-    ]
 
 
 def _latest_metrics(job: TrainingJob) -> list[tuple[str, str]]:
@@ -436,6 +561,42 @@ def _job_or_404(job_id) -> TrainingJob:
     return job
 
 
+def _cost(job: TrainingJob) -> dict:
+    """Cost so far against the estimate (billing's figures), for the status card."""
+    try:
+        detail = billing_services.job_cost_detail(job_id=job.pk)
+    except CrucibleError:
+        detail = {}
+    accrued = detail.get("accrued")
+    if accrued is None or (not accrued and job.cost_actual):
+        accrued = job.cost_actual
+    estimate = detail.get("estimate") or job.cost_estimate
+    variance = detail.get("variance_pct")
+    if variance is None and estimate:
+        variance = round(100 * (float(accrued) / float(estimate) - 1), 1)
+    return {
+        "accrued": accrued,
+        "estimate": estimate,
+        "estimate_text": detail.get("estimate_text", ""),
+        "variance_pct": variance,
+        # Seed: a warning indicator past 20% over the estimate (billing's configured limit).
+        "warning": bool(detail.get("warning"))
+        or (variance is not None and variance > 20 and bool(estimate)),
+        "rate": detail.get("rate_per_hour"),
+        "spot": detail.get("spot", job.spot),
+        "projection": (detail.get("projection") or {}).get("final_cost"),
+    }
+
+
+def _live_context(job: TrainingJob, now: datetime) -> dict:
+    return {
+        "job": _decorate(job, now),
+        "latest": _latest_metrics(job),
+        "cost": _cost(job),
+        "refresh_s": LIVE_REFRESH_S,
+    }
+
+
 @dashboard_view
 def detail(request: HttpRequest, job_id) -> HttpResponse:
     part = request.GET.get("part", "")
@@ -446,17 +607,16 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
         job = TrainingJob.objects.for_list().filter(pk=job_id).first()
         if job is None:
             raise Http404("No such training job.")
-        if live and job.is_terminal and part == "status":
-            # It finished while the page was open: reload it whole (results, errors...).
-            response = HttpResponse(status=204)
-            response["HX-Refresh"] = "true"
+        if not (live and job.is_terminal and part == "status"):
+            response = render(request, f"training/detail.html#{part}", _live_context(job, now))
+            patch_vary_headers(response, ["HX-Request"])
             return response
-        context = {
-            "job": _decorate(job, now),
-            "latest": _latest_metrics(job),
-            "refresh_s": LIVE_REFRESH_S,
-        }
-        response = render(request, f"training/detail.html#{part}", context)
+        # It finished while the page was open: swap the whole page body in place (results,
+        # downloads, errors), without a reload.
+        response = _detail_page(request, _job_or_404(job_id), now)
+        response["HX-Retarget"] = "#content"
+        response["HX-Reselect"] = "#content"
+        response["HX-Reswap"] = "outerHTML"
         patch_vary_headers(response, ["HX-Request"])
         return response
 
@@ -471,7 +631,12 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
         response = render(request, "training/detail.html#events", context)
         patch_vary_headers(response, ["HX-Request", "HX-Target"])
         return response
+    return _detail_page(request, job, now, event_type=event_type)
 
+
+def _detail_page(
+    request: HttpRequest, job: TrainingJob, now: datetime, *, event_type: str = ""
+) -> HttpResponse:
     _decorate(job, now)
     api = f"/api/v1/training/jobs/{job.pk}"
     artifacts = {a.kind: a for a in job.artifacts.all()}
@@ -479,17 +644,19 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
         WebhookEvent.objects.filter(job=job).values_list("type", flat=True).distinct()
     )
     can_run = request.user.has_perm("core.run_jobs")
+    try:
+        template_save_url = reverse("training:template_save", args=[job.pk])
+    except NoReverseMatch:
+        template_save_url = None
     context = {
         "section": "training",
-        "job": job,
         "can_run": can_run,
-        "refresh_s": LIVE_REFRESH_S,
         "api": api,
         "timeline": _timeline(job, now),
-        "latest": _latest_metrics(job),
+        **_live_context(job, now),
         "chart": {
-            "points": _chart_points(job),
-            "metrics_url": f"{api}/metrics" if job.is_active else None,
+            "url": reverse("training:chart", args=[job.pk]),
+            "active": job.is_active or job.status == JobStatus.PENDING,
             # While it runs the x axis spans the planned steps, so the curve shows progress.
             "total_steps": job.total_steps if job.is_active else None,
             "refresh_ms": LIVE_REFRESH_S * 1000,
@@ -518,5 +685,327 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
             ),
         ],
         "index_url": reverse("training:index"),
+        "template_save_url": template_save_url,
+        "new_from_job_url": f"{reverse('training:new')}?from_job={job.pk}",
+        "switch_url": (
+            f"{api}/switch-to-on-demand" if job.error_type == "GPUProvisioningError" else None
+        ),
+        "annotate_url": reverse("training:annotate", args=[job.pk]),
+        "tags_text": ", ".join(job.tags or []),
     }
     return render(request, "training/detail.html", context)
+
+
+@dashboard_view
+def chart_data(request: HttpRequest, job_id) -> JsonResponse:
+    """The loss and learning-rate series of a job, downsampled (training.charts)."""
+    job = (
+        TrainingJob.objects.filter(pk=job_id)
+        .only("id", "status", "total_steps", "completed_at")
+        .first()
+    )
+    if job is None:
+        return JsonResponse(
+            {"error": {"code": "not_found", "message": "No such training job."}}, status=404
+        )
+    try:
+        points = int(request.GET.get("points", charts.DEFAULT_POINTS))
+        after = request.GET.get("after")
+        after = int(after) if after not in (None, "") else None
+    except ValueError:
+        return JsonResponse(
+            {"error": {"code": "invalid_input", "message": "points and after are whole numbers."}},
+            status=400,
+        )
+    response = JsonResponse(charts.chart_series(job, points=points, after=after))
+    response["Cache-Control"] = "private, no-cache"
+    return response
+
+
+@require_POST
+@dashboard_view
+def annotate(request: HttpRequest, job_id) -> HttpResponse:
+    """Edit a job's notes and tags (engineers and admins), from the job's page."""
+    if not request.user.has_perm("core.run_jobs"):
+        return render(request, "403.html", {"action": "edit jobs"}, status=403)
+    job = TrainingJob.objects.filter(pk=job_id).first()
+    if job is None:
+        raise Http404("No such training job.")
+    form = AnnotateForm(request.POST)
+    if form.is_valid():
+        job.notes = form.cleaned_data["notes"]
+        job.tags = form.tag_list()
+        job.save(update_fields=["notes", "tags", "updated_at"])
+    context = {
+        "job": job,
+        "can_run": True,
+        "annotate_url": reverse("training:annotate", args=[job.pk]),
+        "tags_text": request.POST.get("tags", "") if form.errors else ", ".join(job.tags),
+        "annotate_errors": [e for errors in form.errors.values() for e in errors],
+        "annotate_saved": not form.errors,
+    }
+    if request.htmx:
+        return render(
+            request,
+            "training/detail.html#annotations",
+            context,
+            status=400 if form.errors else 200,
+        )
+    if form.errors:
+        messages.error(request, " ".join(context["annotate_errors"]))
+    else:
+        messages.success(request, "Notes and tags saved.")
+    return redirect("training:detail", job_id=job.pk)
+
+
+# --- New job ---------------------------------------------------------------------------------
+
+PREVIEW_ROWS = 5
+PREVIEW_CHARS = 400
+
+
+def _run_jobs_or_403(request: HttpRequest) -> HttpResponse | None:
+    if request.user.has_perm("core.run_jobs"):
+        return None
+    return render(request, "403.html", {"action": "start training jobs"}, status=403)
+
+
+def _file_preview(training_file) -> list[dict]:
+    """The first rows of the file as stored (a few lines, each shortened), for the form."""
+    rows = []
+    try:
+        with storage_open(training_file.storage_path) as handle:
+            for number, line in enumerate(handle, start=1):
+                text = line.decode("utf-8", "replace").rstrip("\n")
+                short = text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + " …"
+                rows.append({"line": number, "text": short})
+                if number >= PREVIEW_ROWS:
+                    break
+    except (OSError, ValueError):
+        logger.warning("training file %s could not be read for a preview", training_file.pk)
+    return rows
+
+
+def _file_check(training_file) -> dict | None:
+    if training_file is None:
+        return None
+    problems = training_file.validation_errors or []
+    return {
+        "file": training_file,
+        "ready": training_file.is_ready,
+        "problems": problems[:5],
+        "more": max(0, len(problems) - 5),
+        "preview": [] if training_file.is_ready else _file_preview(training_file),
+    }
+
+
+def _estimate(form: NewJobForm) -> dict:
+    """The live estimate of a (possibly incomplete) form: figures, or why there are none."""
+    if not form.is_valid():
+        if "training_file" in form.errors and not form.data.get("training_file"):
+            return {"error": "Choose a training file to see the duration and cost."}
+        for name, errors in form.errors.items():
+            label = form.fields[name].label if name in form.fields else ""
+            label = label or name.replace("_", " ").capitalize()
+            return {"error": f"{label}: {errors[0]}" if name != "__all__" else errors[0]}
+        return {"error": "Complete the form to see an estimate."}
+    data = form.cleaned_data
+    try:
+        est = billing_services.cost_estimate(
+            training_file=data["training_file"],
+            base_model=data["base_model"],
+            preset=data["preset"],
+            overrides=form.overrides(),
+            gpu_type=form.gpu_type_key,
+            spot=form.spot,
+            executor=data["executor"],
+        )
+    except CrucibleError as exc:
+        return {"error": exc.message}
+    d = est.duration_seconds
+    spot_cost, demand_cost = est.cost_spot, est.cost_on_demand
+    savings = round(100 * (1 - est.rate_spot / est.rate_on_demand)) if est.rate_on_demand else None
+    expected = est.recovery_seconds.get("expected_interruptions", 0.0)
+    runpod = data["executor"] == TrainingJob.Executor.RUNPOD
+    return {
+        "text": est.text,
+        "duration": f"{format_duration(d['low'])} to {format_duration(d['high'])}",
+        "point_duration": format_duration(d["point"]),
+        "cost": est.cost,
+        "cost_spot": spot_cost,
+        "cost_on_demand": demand_cost,
+        "free": est.rate_spot == 0 and est.rate_on_demand == 0,
+        "spot": est.spot,
+        "runpod": runpod,
+        "gpu_type": est.gpu_type,
+        "rate": est.rate_spot if est.spot else est.rate_on_demand,
+        "rate_spot": est.rate_spot,
+        "rate_on_demand": est.rate_on_demand,
+        "savings_pct": savings,
+        "interruption_pct": round(100 * (1 - math.exp(-expected))) if runpod else None,
+        "steps": est.steps,
+        "train_tokens": est.train_tokens,
+        "basis": est.basis,
+        "history_jobs": est.history_jobs,
+    }
+
+
+def _review(form: NewJobForm) -> dict:
+    data = form.cleaned_data
+    hp = form.configuration["hyperparameters"]
+    overridden = set(form.overrides())
+    preset_hp = data["preset"].hyperparameters
+    return {
+        "name": data["name"].strip()
+        or f"{data['base_model'].display_name} on {data['training_file'].name}",
+        "tags": form.tag_list(),
+        "hyperparameters": [
+            {
+                "key": k,
+                "value": _number(v),
+                "changed": k in overridden,
+                "preset_value": _number(preset_hp.get(k)),
+            }
+            for k, v in hp.items()
+        ],
+        "effective_batch": hp["micro_batch_size"] * hp["gradient_accumulation_steps"],
+    }
+
+
+def _template_initial(request: HttpRequest) -> dict:
+    """Initial values from ``?template=<id>`` or ``?from_job=<id>`` (a prefilled form)."""
+    initial: dict = {}
+    source = None
+    if template_id := request.GET.get("template", "").strip():
+        if template_id.isdigit():
+            source = JobTemplate.objects.filter(pk=template_id).first()
+        if source is not None:
+            initial |= {
+                "training_file": source.training_file_id,
+                "notes": source.notes,
+                "tags": ", ".join(source.tags or []),
+            }
+    elif job_id := request.GET.get("from_job", "").strip():
+        try:
+            source = TrainingJob.objects.filter(pk=uuid.UUID(job_id)).first()
+        except ValueError:
+            source = None
+        if source is not None:
+            initial |= {
+                "training_file": source.training_file_id,
+                "notes": source.notes,
+                "tags": ", ".join(source.tags or []),
+                "description": source.description,
+            }
+    if source is None:
+        newest = TrainingFile.objects.ready().order_by("-created_at").first()
+        return {"training_file": newest.pk} if newest else {}
+    overrides = getattr(source, "overrides", None)
+    if overrides is None:  # a job: its resolved configuration against its preset
+        preset_hp = source.preset.hyperparameters if source.preset else {}
+        hp = (source.configuration or {}).get("hyperparameters", {})
+        overrides = {k: v for k, v in hp.items() if preset_hp.get(k) != v}
+    initial |= {
+        "base_model": source.base_model.name,
+        "executor": source.executor,
+        "gpu_type": source.gpu_type or None,
+        "capacity": "spot" if source.spot else "on_demand",
+    }
+    if source.preset:
+        initial["preset"] = source.preset.key
+    advanced = {f"hp_{k}": v for k, v in overrides.items() if k in ADVANCED_FIELDS}
+    if advanced:
+        initial |= {"advanced": True, **advanced}
+    return {k: v for k, v in initial.items() if v not in (None, "")}
+
+
+@dashboard_view
+def new_job(request: HttpRequest) -> HttpResponse:
+    refused = _run_jobs_or_403(request)
+    if refused is not None:
+        return refused
+    stage = "edit"
+    start_error = None
+    if request.method == "POST":
+        form = NewJobForm(request.POST)
+        action = request.POST.get("action", "review")
+        if action != "edit" and form.is_valid():
+            stage = "review"
+            if action == "start":
+                data = form.cleaned_data
+                try:
+                    with transaction.atomic():
+                        job = services.training_job_create(
+                            user=request.user,
+                            training_file=data["training_file"],
+                            base_model=data["base_model"],
+                            preset=data["preset"],
+                            name=data["name"],
+                            overrides=form.overrides(),
+                            executor=data["executor"],
+                            description=data["description"],
+                            notes=data["notes"],
+                            tags=form.tag_list(),
+                            gpu_type=form.gpu_type_key,
+                            spot=form.spot,
+                        )
+                        services.training_job_start(job=job, user=request.user)
+                except CrucibleError as exc:
+                    start_error = exc.message
+                else:
+                    messages.success(request, f"“{job.name}” is queued; it starts in a moment.")
+                    return redirect("training:detail", job_id=job.pk)
+        elif action == "edit":
+            # Back from the review: the same values, editable, without error messages.
+            form = NewJobForm(initial=request.POST.dict())
+    elif request.htmx and request.GET.get("part") == "estimate":
+        form = NewJobForm(request.GET)
+        context = {
+            "estimate": _estimate(form),
+            "file_check": _file_check(_selected_file(form)),
+            "oob": True,
+        }
+        response = render(request, "training/new.html#estimate", context)
+        patch_vary_headers(response, ["HX-Request"])
+        return response
+    else:
+        form = NewJobForm(initial=_template_initial(request))
+
+    bound = form if form.is_bound else NewJobForm({**_initial_data(form)})
+    context = {
+        "section": "training",
+        "form": form,
+        "stage": stage,
+        "start_error": start_error,
+        "presets": list(Preset.objects.all()),
+        "estimate": _estimate(bound),
+        "file_check": _file_check(_selected_file(bound)),
+        "review": _review(form) if stage == "review" else None,
+        "runpod_available": runpod_available(),
+        "index_url": reverse("training:index"),
+    }
+    status = 200
+    if request.method == "POST" and (form.errors or start_error):
+        status = 400 if form.errors else 409
+    return render(request, "training/new.html", context, status=status)
+
+
+def _initial_data(form: NewJobForm) -> dict:
+    """An unbound form's initial values as submitted data (to estimate the defaults)."""
+    data = {}
+    for name, field in form.fields.items():
+        value = form.initial.get(name, field.initial)
+        if value is None:
+            continue
+        data[name] = "on" if value is True else value
+    return {k: v for k, v in data.items() if v is not False}
+
+
+def _selected_file(form: NewJobForm):
+    value = form.data.get("training_file") if form.is_bound else None
+    if not value:
+        return None
+    try:
+        return TrainingFile.objects.filter(pk=uuid.UUID(str(value))).first()
+    except ValueError:
+        return None

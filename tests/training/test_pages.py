@@ -492,7 +492,7 @@ def test_htmx_request_gets_only_the_table(jobs):
     )
     html = html_of(response)
     assert html.lstrip().startswith('<div id="training-jobs"')
-    assert "<html" not in html and "<form" not in html
+    assert "<html" not in html and 'role="search"' not in html
     assert jobs["failed"].name in html and jobs["completed"].name not in html
     assert "HX-Request" in response["Vary"]
     # Nothing active among the failed ones: no polling in the returned table.
@@ -526,7 +526,7 @@ def test_completed_job_page(jobs):
     client, _ = signed_in(Role.VIEWER)
     html = html_of(client.get(f"/training/{job.pk}/"))
     assert "Perplexity: 24.5 -&gt; 16.8 (31% improvement)" in html
-    for section in ("Results", "Loss", "Latest metrics", "Stages", "Recoveries"):
+    for section in ("Results", "Loss and learning rate", "Latest metrics", "Stages", "Recoveries"):
         assert f">{section}</h2>" in html, section
     for section in ("Configuration", "Dataset", "Event log"):
         assert f">{section}</h2>" in html, section
@@ -545,16 +545,13 @@ def test_completed_job_page(jobs):
     for label in ("Queued", "Provisioning", "Preprocessing", "Loading model", "Recovering"):
         assert f'<span class="tl-label">{label}</span>' in html
     assert "7m 20s" in html  # training from 440 s to finalization at 880 s
-    # The chart data: every step, with validation loss and learning rate.
-    data = re.search(
-        r'<script id="training-chart-data" type="application/json">(.*?)</script>', html
-    )
-    assert data
-    import json
-
-    chart = json.loads(data.group(1))
-    assert len(chart["points"]) == 60 and chart["metrics_url"] is None
-    assert sum(1 for p in chart["points"] if p["val_loss"] is not None) == 6
+    # The chart draws from its JSON endpoint: every step, validation loss and learning rate.
+    config = chart_config(html)
+    assert config["url"] == f"/training/{job.pk}/chart/" and config["active"] is False
+    chart = client.get(config["url"]).json()
+    assert len(chart["train"]) == 60 and len(chart["lr"]) == 60 and len(chart["val"]) == 6
+    assert chart["train"][0][0] == 1 and chart["train"][-1][0] == 60
+    assert chart["downsampled"] is False and chart["status"] == "completed"
     assert "/static/vendor/chartjs/chart.umd.min.js" in html
     # Latest metrics.
     assert "Tokens / s" in html and "11.0 GiB" in html
@@ -589,7 +586,8 @@ def test_running_job_page_follows_the_job(jobs):
     assert f'hx-post="/api/v1/training/jobs/{job.pk}/cancel"' in html
     assert "/retry" not in html
     assert f"/training/{job.pk}/?part=status&amp;live=1" in html
-    assert f"/api/v1/training/jobs/{job.pk}/metrics" in html  # the chart polls the API
+    config = chart_config(html)  # the chart polls its endpoint for new steps
+    assert config["active"] is True and config["total_steps"] == 200
     assert "43.5%" in html or "44%" in html
     assert "87" in html and "/ 200" in html
     assert "22m 36s" in html  # the ETA
@@ -609,7 +607,12 @@ def test_status_partial_and_refresh_when_finished(jobs):
     assert latest.lstrip().startswith('<section id="job-latest"') and "Train loss" in latest
     TrainingJob.objects.filter(pk=running.pk).update(status=S.COMPLETED)
     done = client.get(url, headers=HTMX)
-    assert done.status_code == 204 and done["HX-Refresh"] == "true"
+    # Finished: the whole page body is swapped in place, no reload.
+    assert done.status_code == 200 and "HX-Refresh" not in done
+    assert done["HX-Retarget"] == "#content" and done["HX-Reselect"] == "#content"
+    body = html_of(done)
+    assert 'id="content"' in body and 'id="job-actions"' in body
+    assert "every 5s" not in body
 
 
 @pytest.mark.django_db
@@ -722,15 +725,9 @@ def test_durations_read_naturally():
     assert format_duration(3 * 86400 + 4 * 3600) == "3d 4h"
 
 
-@pytest.mark.django_db
-def test_long_runs_are_thinned_for_the_chart_keeping_every_evaluation(
-    training_file, smollm, smoke, settings
-):
-    from training import views
+def chart_config(html: str) -> dict:
+    import json
 
-    job = make_job(training_file, smollm, smoke, name="Long")
-    add_metrics(job, 5000, val_every=250)
-    points = views._chart_points(job)
-    assert len(points) <= views.CHART_MAX_POINTS + 25
-    assert sum(1 for p in points if p["val_loss"] is not None) == 20
-    assert points[0]["step"] == 1 and points[-1]["step"] == 5000
+    data = re.search(r'<script id="job-chart-config" type="application/json">(.*?)</script>', html)
+    assert data, "no chart configuration on the page"
+    return json.loads(data.group(1))

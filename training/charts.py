@@ -1,0 +1,168 @@
+"""Loss and learning-rate series for the job charts, downsampled for drawing.
+
+A chart is at most ~1,000 pixels wide, so a job with a million logged steps is reduced to
+about ``points`` points per series with largest-triangle-three-buckets (LTTB, Steinarsson
+2013), which keeps the curve's shape, its spikes included.
+
+Reading a million rows into Python costs more than the whole response may, so long
+histories are first reduced in the database to the minimum and the maximum of each of
+``MINMAX_RATIO * points`` step buckets (one GROUP BY, portable SQL), and LTTB runs on those
+candidates: the MinMaxLTTB scheme of Van Der Donckt et al. (2023), also used by the
+``tsdownsample`` package. Neither ``tsdownsample`` nor ``lttb`` is installed here, and the
+part that matters for speed is the SQL pass that no Python library does for us; the LTTB
+step over a few thousand candidates is the short numpy function below.
+
+A finished job's history never changes, so its downsampled series is cached.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from django.core.cache import cache
+from django.db.models import Avg, BigIntegerField, Count, F, Max, Min, Value
+from django.db.models.functions import Cast
+
+from training.models import MetricPoint, TrainingJob
+
+DEFAULT_POINTS = 1000
+MAX_POINTS = 5000
+MINMAX_RATIO = 4  # candidates per output point when preselecting in the database
+CACHE_S = 24 * 3600
+
+
+def lttb(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
+    """Indices of the ``n_out`` points LTTB keeps (first and last always kept).
+
+    ``x`` must be sorted. Returns all indices when there are no more than ``n_out`` points.
+    """
+    n = len(x)
+    if n_out >= n or n_out < 3:
+        return np.arange(n) if n_out >= n else np.array([0, n - 1][: max(n_out, 0)])
+    # Bucket edges over the inner points (1 .. n-2), as in the reference implementation.
+    edges = np.linspace(1, n - 1, n_out - 1).astype(np.int64)
+    keep = np.empty(n_out, dtype=np.int64)
+    keep[0], keep[-1] = 0, n - 1
+    a = 0
+    for i in range(n_out - 2):
+        lo, hi = edges[i], max(edges[i + 1], edges[i] + 1)
+        # The average of the next bucket (the last point for the last bucket).
+        if i + 2 < len(edges):
+            nlo, nhi = edges[i + 1], max(edges[i + 2], edges[i + 1] + 1)
+            cx, cy = x[nlo:nhi].mean(), y[nlo:nhi].mean()
+        else:
+            cx, cy = x[-1], y[-1]
+        ax, ay = x[a], y[a]
+        area = np.abs((ax - cx) * (y[lo:hi] - ay) - (ax - x[lo:hi]) * (cy - ay))
+        a = lo + int(np.argmax(area))
+        keep[i + 1] = a
+    return keep
+
+
+def _downsample(steps: np.ndarray, values: np.ndarray, n_out: int) -> list[list[float]]:
+    mask = ~np.isnan(values)
+    steps, values = steps[mask], values[mask]
+    if len(steps) == 0:
+        return []
+    keep = lttb(steps, values, n_out)
+    return [[_num(steps[i]), float(values[i])] for i in keep]
+
+
+def _num(value) -> float | int:
+    value = float(value)
+    return int(value) if value.is_integer() else round(value, 2)
+
+
+def _raw_rows(queryset) -> tuple[np.ndarray, ...]:
+    rows = list(queryset.values_list("step", "train_loss", "val_loss", "learning_rate"))
+    if not rows:
+        empty = np.empty(0)
+        return empty, empty, empty, empty
+    array = np.array(rows, dtype=float)  # None becomes nan
+    return array[:, 0], array[:, 1], array[:, 2], array[:, 3]
+
+
+def _minmax_candidates(job_id, *, first: int, last: int, buckets: int) -> tuple[np.ndarray, ...]:
+    """Per step bucket: the min and max of each series (at the bucket's mid step)."""
+    span = last - first + 1
+    bucket = Cast(F("step") - Value(first), BigIntegerField()) * Value(buckets) / Value(span)
+    rows = list(
+        MetricPoint.objects.filter(job_id=job_id)
+        .annotate(bucket=bucket)
+        .values("bucket")
+        .annotate(
+            s0=Min("step"),
+            s1=Max("step"),
+            tmin=Min("train_loss"),
+            tmax=Max("train_loss"),
+            vmin=Min("val_loss"),
+            vmax=Max("val_loss"),
+            vn=Count("val_loss"),
+            lr=Avg("learning_rate"),
+        )
+        .order_by("bucket")
+        .values_list("s0", "s1", "tmin", "tmax", "vmin", "vmax", "vn", "lr")
+    )
+    array = np.array(rows, dtype=float)
+    mid = (array[:, 0] + array[:, 1]) / 2
+    mid[0], mid[-1] = array[0, 0], array[-1, 1]  # the curve starts and ends where it did
+    steps2 = np.repeat(mid, 2)
+    train = np.column_stack([array[:, 2], array[:, 3]]).ravel()
+    # One evaluation in a bucket is a single point; more become that bucket's min and max.
+    one = array[:, 6] == 1
+    vmax = np.where(one, np.nan, array[:, 5])
+    val = np.column_stack([array[:, 4], vmax]).ravel()
+    return steps2, train, val, mid, array[:, 7]
+
+
+def chart_series(job: TrainingJob, *, points: int = DEFAULT_POINTS, after: int | None = None):
+    """The chart's JSON: ``train``, ``val`` and ``lr`` as ``[step, value]`` pairs.
+
+    ``after``: only the raw points logged after that step (live updates append them).
+    """
+    points = max(10, min(MAX_POINTS, int(points)))
+    base = {
+        "job": str(job.pk),
+        "status": job.status,
+        "active": job.is_active,
+        "total_steps": job.total_steps,
+    }
+    metrics = MetricPoint.objects.filter(job_id=job.pk).order_by("step")
+    if after is not None:
+        steps, train, val, lr = _raw_rows(metrics.filter(step__gt=after)[: MAX_POINTS + 1])
+        truncated = len(steps) > MAX_POINTS
+        series = {
+            "train": _downsample(steps, train, len(steps)),
+            "val": _downsample(steps, val, len(steps)),
+            "lr": _downsample(steps, lr, len(steps)),
+        }
+        last = int(steps[-1]) if len(steps) else after
+        return {**base, "after": after, "last_step": last, "reload": truncated, **series}
+
+    key = None
+    if job.is_terminal:
+        key = f"training-chart:{job.pk}:{job.status}:{job.completed_at}:{points}"
+        cached = cache.get(key)
+        if cached is not None:
+            return {**cached, **base}
+
+    stats = metrics.aggregate(n=Count("id"), first=Min("step"), last=Max("step"))
+    n = stats["n"] or 0
+    if n <= MINMAX_RATIO * points:
+        steps, train, val, lr = _raw_rows(metrics)
+        lr_steps = steps
+    else:
+        buckets = MINMAX_RATIO * points // 2
+        steps, train, val, lr_steps, lr = _minmax_candidates(
+            job.pk, first=stats["first"], last=stats["last"], buckets=buckets
+        )
+    result = {
+        "points_logged": n,
+        "downsampled": n > points,
+        "last_step": stats["last"] or 0,
+        "train": _downsample(steps, train, points),
+        "val": _downsample(steps, val, points),
+        "lr": _downsample(lr_steps, lr, points),
+    }
+    if key is not None:
+        cache.set(key, result, CACHE_S)
+    return {**result, **base}
