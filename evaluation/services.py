@@ -68,7 +68,8 @@ def _enqueue(run: ValidationRun) -> None:
     from evaluation.tasks import execute_validation_run
 
     run_id = str(run.pk)
-    transaction.on_commit(lambda: execute_validation_run.delay(run_id))
+    # robust: a broker hiccup is logged, never turned into an error of the caller's request.
+    transaction.on_commit(lambda: execute_validation_run.delay(run_id), robust=True)
 
 
 def validation_run_create(
@@ -187,22 +188,6 @@ def held_out_documents(*, job: TrainingJob) -> list[list[dict]]:
     return [c.messages for c in held_out]
 
 
-def _training_system_prompt(job: TrainingJob) -> str:
-    for conversation in _read_conversations(job)[:50]:
-        for message in conversation.messages:
-            if message["role"] == "system":
-                return message["content"]
-    return ""
-
-
-def _conversation(system: str, item: dict) -> list[dict]:
-    user = item["prompt"]
-    if item.get("context"):
-        user = f"{item['context']}\n\n{user}"
-    messages = [{"role": "system", "content": system}] if system else []
-    return [*messages, {"role": "user", "content": user}]
-
-
 def _dimensions(suite) -> list[dict]:
     return list(suite.rubric.get("dimensions", []))
 
@@ -237,7 +222,7 @@ def validation_run_execute(*, run_id: str) -> ValidationRun | None:
 
 def _execute(run: ValidationRun) -> None:
     from evaluation import scoring, stats
-    from evaluation.suites import all_suites
+    from evaluation.suites import all_suites, conversation_for
 
     job = run.job
     hp = job.configuration["hyperparameters"]
@@ -283,6 +268,9 @@ def _execute(run: ValidationRun) -> None:
         trained_nll = scoring.document_nll(
             models, documents, use_adapter=True, max_length=hp["max_seq_length"]
         )
+        # Documents without a scored token (nothing after truncation) carry no information.
+        scored = [(b, t) for b, t in zip(base_nll, trained_nll, strict=True) if b.tokens]
+        base_nll, trained_nll = [b for b, _ in scored], [t for _, t in scored]
         ppl = stats.perplexity_improvement(base_nll, trained_nll, n_boot=n_boot, seed=seed)
         ppl["display"] = stats.display_line(
             "Perplexity", ppl["baseline"], ppl["trained"], higher_is_better=False
@@ -324,13 +312,20 @@ def _execute(run: ValidationRun) -> None:
         _progress(run, "generating", metrics=metrics)
 
         # Responses for the rubric suites, both sides, same prompts and decoding.
-        training_system = _training_system_prompt(job)
-        systems = {
-            Suite.EMOTIONAL_INTELLIGENCE: suites["emotional_intelligence"].data.get("system_prompt")
-            or training_system,
-            Suite.BRAND_VOICE: suites["brand_voice"].data["persona"]["system_prompt"],
+        run.decoding = {
+            **decoding,
+            "system_prompts": {
+                name: next(
+                    (
+                        m["content"]
+                        for m in conversation_for(suites[name], suites[name].items[0])
+                        if m["role"] == "system"
+                    ),
+                    "",
+                )
+                for name in RUBRIC_SUITES
+            },
         }
-        run.decoding = {**decoding, "system_prompts": {k: v for k, v in systems.items()}}
         ValidationRun.objects.filter(pk=run.pk).update(decoding=run.decoding)
         steps = [(s, side) for s in RUBRIC_SUITES for side in (Side.BASELINE, Side.TRAINED)]
         span = STAGES["judging"] - STAGES["generating"]
@@ -338,7 +333,7 @@ def _execute(run: ValidationRun) -> None:
             items = suites[suite_name].items
             generations = scoring.generate(
                 models,
-                [_conversation(systems[suite_name], item) for item in items],
+                [conversation_for(suites[suite_name], item) for item in items],
                 use_adapter=side == Side.TRAINED,
                 max_new_tokens=decoding["max_new_tokens"],
                 seed=seed,
@@ -352,7 +347,7 @@ def _execute(run: ValidationRun) -> None:
                     item_id=item["id"],
                     category=item.get("category", ""),
                     side=side,
-                    prompt=_conversation("", item)[-1]["content"],
+                    prompt=item["prompt"],
                     text=g.text,
                     stopped=g.stopped,
                     new_tokens=g.new_tokens,
@@ -957,7 +952,7 @@ def _enqueue_recompute(run_id) -> None:
     from evaluation.tasks import recompute_validation_metrics
 
     run_id = str(run_id)
-    transaction.on_commit(lambda: recompute_validation_metrics.delay(run_id))
+    transaction.on_commit(lambda: recompute_validation_metrics.delay(run_id), robust=True)
 
 
 # --- Share links ---------------------------------------------------------------------------

@@ -244,6 +244,10 @@ def model_client(**overrides) -> ModelClient:
 # --- Rubric judging ------------------------------------------------------------------------
 
 
+def _key(dimension: dict) -> str:
+    return dimension.get("key") or dimension["name"]
+
+
 def judge_messages(*, dimensions: list[dict], prompt: str, response: str) -> list[dict]:
     """The chat asking a judge model for 1-5 scores, as one JSON object."""
     lines = []
@@ -251,10 +255,10 @@ def judge_messages(*, dimensions: list[dict], prompt: str, response: str) -> lis
         anchors = dim.get("anchors") or {}
         anchor_text = "; ".join(f"{k} = {v}" for k, v in sorted(anchors.items()))
         lines.append(
-            f"- {dim['name']}: {dim.get('description', '')}"
+            f"- {_key(dim)} ({dim.get('name', _key(dim))}): {dim.get('description', '')}"
             + (f" ({anchor_text})" if anchor_text else "")
         )
-    names = ", ".join(f'"{d["name"]}"' for d in dimensions)
+    names = ", ".join(f'"{_key(d)}"' for d in dimensions)
     system = (
         "You are a strict evaluator of a financial advisor's replies. Score the reply on each "
         "criterion from 1 (poor) to 5 (excellent). Answer with one JSON object and nothing else, "
@@ -311,6 +315,6 @@ def judge_with_endpoint(
         subject=subject,
         attribution=attribution,
     )
-    scores = parse_scores(result.text, [d["name"] for d in dimensions])
+    scores = parse_scores(result.text, [_key(d) for d in dimensions])
     raw = {"text": result.text[:2000], "tokens": result.total_tokens, "model": result.model}
     return scores, raw

@@ -866,6 +866,9 @@ def _on_completed(job: TrainingJob, data: dict) -> None:
     if job.status == S.TRAINING:
         _transition(job, S.FINALIZATION, reason="worker completed")
     _transition(job, S.COMPLETED, reason="worker completed", **fields)
+    from evaluation.services import validation_on_job_completed
+
+    validation_on_job_completed(job=job)  # enqueued on commit; never raises
 
 
 def _on_heartbeat(job: TrainingJob, data: dict) -> None:
