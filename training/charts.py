@@ -140,7 +140,8 @@ def chart_series(job: TrainingJob, *, points: int = DEFAULT_POINTS, after: int |
 
     key = None
     if job.is_terminal:
-        key = f"training-chart:{job.pk}:{job.status}:{job.completed_at}:{points}"
+        finished = job.completed_at.timestamp() if job.completed_at else 0
+        key = f"training-chart:{job.pk}:{job.status}:{finished:.6f}:{points}"
         cached = cache.get(key)
         if cached is not None:
             return {**cached, **base}

@@ -157,3 +157,143 @@ def test_training_list_and_job_pages(browser, live_server, ada, jobs, monkeypatc
     _wait(browser).until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), "(retry 1)"))
     assert "Retry of" in browser.find_element(By.CSS_SELECTOR, ".job-head").text
     assert _console_errors(browser) == []
+
+
+# --- The main path: a real Smoke job from the form, followed live, downloaded ---------------
+
+
+def _estimate_text(chromium) -> str:
+    return chromium.execute_script(
+        "const el = document.querySelector('#estimate [data-estimate=duration]');"
+        "return el ? el.textContent : '';"
+    )
+
+
+@pytest.mark.slow
+def test_main_path_smoke_job_from_the_form(browser, live_server, ada, settings):  # noqa: F811
+    """Sign in, create a Smoke job from the form while the estimate updates, watch it train
+    to completed on its page without a reload, then download the adapters.
+
+    The one real training of the dashboard tests: the local executor runs gpu.train on the
+    offline SmolLM2 model; the worker's webhooks reach the live server.
+    """
+    import time
+    from pathlib import Path
+
+    from corpora.services import training_file_create
+    from training import services
+    from training.models import JobStatus, TrainingJob
+
+    root = Path(__file__).resolve().parents[2]
+    settings.CRUCIBLE_PUBLIC_URL = live_server.url
+    settings.TRAINING_LAUNCH_INLINE = True
+    settings.RATELIMIT_ENABLE = False
+    settings.TRAINING_MODEL_CACHE = str(root / "var" / "models")
+    sample = root / "samples" / "training" / "financial_advisor_v1.jsonl"
+    with sample.open("rb") as handle:
+        training_file = training_file_create(name="advisor-sample", upload=handle, user=ada)
+
+    _sign_in(browser, live_server, "ada", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+    browser.get(f"{live_server.url}/training/")
+    empty = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".empty")))
+    assert "No training jobs yet" in empty.text
+    browser.find_element(By.ID, "new-job").click()
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/training/new/"))
+
+    # The newest ready file is preselected; the estimate is there for the default preset.
+    assert Select(
+        browser.find_element(By.NAME, "training_file")
+    ).first_selected_option.get_attribute("value") == str(training_file.pk)
+    assert browser.find_element(By.CSS_SELECTOR, "input[name=preset][value=balanced]").is_selected()
+    _wait(browser).until(lambda b: _estimate_text(b) != "")
+    balanced = _estimate_text(browser)
+    assert "Validated:" in browser.find_element(By.ID, "file-check").text
+    assert _console_errors(browser) == []
+    _shoot_full_page(browser, "training-new.png")
+
+    # Choosing Smoke updates the estimate through htmx, without leaving the page.
+    browser.execute_script("window.__samePage = 'yes'")
+    smoke_card = browser.find_element(By.CSS_SELECTOR, "input[name=preset][value=smoke]")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", smoke_card)
+    smoke_card.click()
+    _wait(browser).until(lambda b: _estimate_text(b) not in ("", balanced))
+    assert browser.execute_script("return window.__samePage") == "yes"
+    browser.find_element(By.NAME, "name").send_keys("Smoke from the form")
+    browser.find_element(By.NAME, "tags").send_keys("smoke, browser")
+    review = browser.find_element(By.ID, "review-job")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", review)
+    review.click()
+
+    # The review step, then Start.
+    summary = _wait(browser).until(ec.visibility_of_element_located((By.ID, "review")))
+    assert "Smoke from the form" in summary.text and "Smoke test" in summary.text
+    assert not TrainingJob.objects.exists(), "the review must not create anything"
+    _shoot_full_page(browser, "training-new-review.png")
+    browser.find_element(By.ID, "start-job").click()
+    _wait(browser).until(ec.url_matches(r"/training/[0-9a-f-]{36}/$"))
+    job = TrainingJob.objects.get()
+    assert job.name == "Smoke from the form" and job.preset.key == "smoke"
+    assert job.tags == ["browser", "smoke"] and job.created_by == ada
+
+    # Follow it to completed on its page, without a reload.
+    browser.execute_script("window.__samePage = 'detail'")
+    deadline = time.monotonic() + 900
+    seen_running = False
+    last_reconcile = 0.0
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.status == JobStatus.TRAINING and job.current_step:
+            seen_running = True
+            if not browser.execute_script("return window.__shotRunning"):
+                chart = browser.execute_script(
+                    "const c = window.crucibleJobChart && window.crucibleJobChart();"
+                    "return c ? c.data.datasets[0].data.length : 0;"
+                )
+                if chart:
+                    browser.execute_script("window.__shotRunning = true")
+                    _shoot_full_page(browser, "training-detail-running.png")
+        if browser.find_elements(By.ID, "job-results"):
+            break
+        if job.is_terminal and job.status != JobStatus.COMPLETED:
+            raise AssertionError(f"{job.status}: {job.error_type} {job.error_message}")
+        if time.monotonic() - last_reconcile > 3:
+            services.training_jobs_reconcile()
+            last_reconcile = time.monotonic()
+        time.sleep(1)
+    else:
+        raise AssertionError(f"not completed on the page: {job.status} at {job.current_step}")
+    job.refresh_from_db()
+    assert job.status == JobStatus.COMPLETED
+    assert seen_running
+    assert browser.execute_script("return window.__samePage") == "detail", "the page reloaded"
+    badge = browser.find_element(By.CSS_SELECTOR, ".job-meta .badge")
+    assert badge.text == "Completed"
+    # The final chart: every logged step.
+    _wait(browser).until(
+        lambda b: (
+            b.execute_script(
+                "const c = window.crucibleJobChart && window.crucibleJobChart();"
+                "return c ? c.data.datasets[0].data.length : 0;"
+            )
+            == job.current_step
+        )
+    )
+    assert "Perplexity:" in browser.find_element(By.ID, "job-results").text
+    assert _console_errors(browser) == []
+    _shoot_full_page(browser, "training-detail-completed.png")
+
+    # Download the adapters with the browser's session.
+    link = browser.find_element(
+        By.CSS_SELECTOR, "#job-results a.download[href$='/download/adapters']"
+    )
+    result = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {credentials: 'same-origin'})"
+        ".then(r => r.arrayBuffer().then(b => done([r.status, new Uint8Array(b.slice(0, 2)), b.byteLength])))"
+        ".catch(e => done(['error', String(e)]));",
+        link.get_attribute("href"),
+    )
+    status, magic, size = result
+    assert status == 200, result
+    assert bytes(magic) == b"PK" and size > 10_000, result
