@@ -352,7 +352,7 @@ def _start_worker(job: TrainingJob) -> TrainingJob:
         "launch_retry_at": None,
         "launch_tries": 0,
     }
-    if job.launch_tries and job.error_type in ("GPUProvisioningError", "NetworkError"):
+    if job.error_type in ("GPUProvisioningError", "NetworkError"):  # the launch's own wait
         updates |= {"error_type": "", "error_message": "", "error_details": {}}
     stored = (
         TrainingJob.objects.filter(pk=job.pk, executor_ref="")
@@ -485,13 +485,14 @@ def training_job_switch_to_on_demand(*, job: TrainingJob, user: AbstractUser | N
 
 
 def _enqueue_release(job: TrainingJob) -> None:
+    """The job has ended: terminate all its pods."""
     job_id = str(job.pk)
     if settings.TRAINING_LAUNCH_INLINE:
-        training_job_release_pods(job_id=job_id)
+        training_job_release_pods(job_id=job_id, ended=True)
         return
     from training.tasks import release_training_job_pods
 
-    release_training_job_pods.delay(job_id)
+    release_training_job_pods.delay(job_id, ended=True)
 
 
 def _pod_still_needed(pod: TrainingPod, job: TrainingJob) -> bool:
@@ -503,10 +504,10 @@ def _pod_still_needed(pod: TrainingPod, job: TrainingJob) -> bool:
     return not job.executor_ref and pod.attempt == job.attempt
 
 
-def _release_pods(pods: Iterable[TrainingPod]) -> list[str]:
+def _release_pods(pods: Iterable[TrainingPod], *, ended: bool = False) -> list[str]:
     released = []
     for pod in pods:
-        if _pod_still_needed(pod, pod.job):
+        if not ended and _pod_still_needed(pod, pod.job):
             continue
         try:
             get_executor(pod.job.executor).release(ref=pod.pod_id)
@@ -517,10 +518,11 @@ def _release_pods(pods: Iterable[TrainingPod]) -> list[str]:
     return released
 
 
-def training_job_release_pods(*, job_id: str) -> list[str]:
-    """Terminate the job's pods it no longer needs (all of them once it has ended)."""
+def training_job_release_pods(*, job_id: str, ended: bool = False) -> list[str]:
+    """Terminate the job's pods it no longer needs; all of them when it has ``ended``."""
     return _release_pods(
-        TrainingPod.objects.filter(job_id=job_id, terminated_at__isnull=True).select_related("job")
+        TrainingPod.objects.filter(job_id=job_id, terminated_at__isnull=True).select_related("job"),
+        ended=ended,
     )
 
 

@@ -29,8 +29,8 @@ def retry_training_job_launch(job_id: str) -> str | None:
 
 
 @shared_task(name="training.tasks.release_training_job_pods", acks_late=True, ignore_result=True)
-def release_training_job_pods(job_id: str) -> list[str]:
-    return services.training_job_release_pods(job_id=job_id)
+def release_training_job_pods(job_id: str, ended: bool = False) -> list[str]:
+    return services.training_job_release_pods(job_id=job_id, ended=ended)
 
 
 @shared_task(name="training.tasks.sweep_runpod_pods", acks_late=True, ignore_result=True)

@@ -357,7 +357,7 @@ class RunPodExecutor:
         }
         bid = None
         if spot:
-            minimum = (gpu.get("lowestPrice") or {}).get("minimumBidPrice") or spot_price
+            minimum = spot_price  # the cloud type's spot price, else RunPod's minimum bid
             if not minimum:
                 raise GPUProvisioningError(
                     f"RunPod offers no spot price for {gpu['id']} right now.",
