@@ -130,7 +130,10 @@ class FakeScoring:
 
     @staticmethod
     def mcq_correct(logliks, answers):
-        return [max(range(len(s)), key=s.__getitem__) == a for s, a in zip(logliks, answers)]
+        return [
+            max(range(len(s)), key=s.__getitem__) == a
+            for s, a in zip(logliks, answers, strict=True)
+        ]
 
     def generate(self, models, conversations, *, use_adapter, max_new_tokens, seed, **kw):
         from evaluation.scoring import Generation
@@ -150,8 +153,10 @@ class FakeScoring:
     def judge_offline(self, models, *, rubric, prompt, response):
         dims = rubric if isinstance(rubric, list) else rubric["dimensions"]
         good = response.startswith(TUNED_REPLY)
-        return {d["key"]: (4 if good else 3) if i % 2 else (5 if good else 3) for i, d in
-                enumerate(dims)}
+        return {
+            d["key"]: (4 if good else 3) if i % 2 else (5 if good else 3)
+            for i, d in enumerate(dims)
+        }
 
 
 @pytest.fixture

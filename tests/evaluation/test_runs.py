@@ -1,4 +1,5 @@
 """Validation runs: start (by hand and on job completion), atomic claim, the stored parts."""
+# ruff: noqa: F811  (fixtures imported from core_fixtures are redefined as arguments)
 
 import pytest
 
@@ -81,9 +82,10 @@ def test_the_report_context_carries_the_stored_figures(completed_run, fake_pdf):
     context = fake_pdf.contexts[-1]
     assert context["run"]["id"] == str(completed_run.pk)
     assert context["run"]["suites"] == {n: v["version"] for n, v in completed_run.suites.items()}
-    assert context["metrics"]["perplexity"]["trained"] == completed_run.metrics["perplexity"][
-        "trained"
-    ]
+    assert (
+        context["metrics"]["perplexity"]["trained"]
+        == completed_run.metrics["perplexity"]["trained"]
+    )
     assert context["job"]["configuration"] == completed_run.job.configuration
     assert context["approval"] is None and len(context["examples"]) == 10
 
