@@ -59,6 +59,10 @@ class EstimateOut(Schema):
     spread: float
     basis: str = Field(..., description="history (fitted on completed jobs) or prior")
     history_jobs: int
+    model: dict = Field(
+        default_factory=dict,
+        description="The fitted coefficients and inputs (re-estimation while running uses them)",
+    )
 
 
 class BudgetJobOut(Schema):
@@ -131,8 +135,12 @@ class JobCostOut(Schema):
     estimate_text: str = ""
     variance_pct: float | None = None
     warning: bool = False
+    estimate_low: Decimal | None = None
+    estimate_high: Decimal | None = None
+    warning_percent: float = 20
     projection: dict | None = None
     projected_variance_pct: float | None = None
+    projected_warning: bool = False
     reserved: Decimal = Decimal(0)
     approved: bool = False
     override_reason: str = ""

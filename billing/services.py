@@ -845,6 +845,15 @@ def ledger_csv(*, month: date) -> str:
 
 
 def job_cost_detail(*, job_id) -> dict:
+    """A job's cost so far against its estimate, for the job page and the API.
+
+    accrued: dollars so far (GPU time held, every launch, at the job's rate; refreshed by
+    the scheduler at least every 60 s); estimate: the point estimate at start, with its
+    range (estimate_low/high); variance_pct: accrued against the estimate (negative while
+    the job is under it); warning: over it by more than warning_percent (the seed's 20%);
+    projection: the re-estimate from the measured speed while training (final_cost, eta,
+    seconds_left), projected_variance_pct/projected_warning the same check on its final cost.
+    """
     from training.models import TrainingJob
 
     job = TrainingJob.objects.select_related("billing").filter(pk=job_id).first()
@@ -856,6 +865,12 @@ def job_cost_detail(*, job_id) -> dict:
     variance = cost.variance_pct
     limit = conf.variance_alert_percent()
     projected = cost.projection.get("final_cost") if cost.projection else None
+    projected_variance = (
+        round(100 * (projected / float(cost.estimate_cost) - 1), 1)
+        if projected is not None and cost.estimate_cost
+        else None
+    )
+    estimate_range = (cost.estimate or {}).get("cost") or {}
     return {
         "job_id": str(job.pk),
         "status": job.status,
@@ -869,12 +884,12 @@ def job_cost_detail(*, job_id) -> dict:
         "estimate_text": (cost.estimate or {}).get("text", ""),
         "variance_pct": variance,
         "warning": variance is not None and variance > limit,
+        "estimate_low": money(estimate_range["low"]) if "low" in estimate_range else None,
+        "estimate_high": money(estimate_range["high"]) if "high" in estimate_range else None,
+        "warning_percent": limit,
         "projection": cost.projection or None,
-        "projected_variance_pct": (
-            round(100 * (projected / float(cost.estimate_cost) - 1), 1)
-            if projected is not None and cost.estimate_cost
-            else None
-        ),
+        "projected_variance_pct": projected_variance,
+        "projected_warning": projected_variance is not None and projected_variance > limit,
         "reserved": cost.reserved,
         "approved": cost.approved_at is not None,
         "override_reason": cost.override_reason,

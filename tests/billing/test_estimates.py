@@ -2,6 +2,7 @@
 
 import json
 import time
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -228,3 +229,94 @@ def test_prices_list(api_as, db):
     response = api_as(Role.VIEWER).get("billing/prices")
     assert response.status_code == 200
     assert {p["gpu_type"] for p in response.json()} >= {"h100-pcie-80gb", "cpu-local"}
+
+
+def test_reestimate_scales_the_model_by_the_measured_speed(
+    training_file, smollm, smoke, notional_local_rate
+):
+    """While training, the job's measured time against the model's prediction for the same
+    steps scales what is left: twice as slow, twice the time left; the whole run projected
+    at the measured speed is that ratio x the model's training and finalization."""
+    from django.utils import timezone
+
+    from billing.estimates import reestimate_running
+    from training.models import MetricPoint
+
+    start = timezone.now() - timedelta(hours=1)
+    job = make_job(
+        training_file=training_file,
+        base_model=smollm,
+        preset=smoke,
+        executor="local",
+        gpu_type="",
+        status=S.TRAINING,
+        start=start,
+        stages=[(S.QUEUED, -1), (S.PROVISIONING, 0), (S.TRAINING, 10)],
+    )
+    cost = services.job_cost_record(job=job)
+    est = cost.estimate
+    assert est["model"]["coefficients"]["token_s"] > 0
+    type(job).objects.filter(pk=job.pk).update(total_steps=est["steps"], current_step=3)
+    job.refresh_from_db()
+    entered = start + timedelta(seconds=10)
+    point = MetricPoint.objects.create(job=job, step=3)
+    transitions = list(job.transitions.all())
+
+    def projection(elapsed):
+        point.recorded_at = entered + timedelta(seconds=elapsed)
+        return reestimate_running(
+            job=job,
+            transitions=transitions,
+            last_point=point,
+            rate_per_hour=1.0,
+            accrued=0.0,
+            now=point.recorded_at,
+            estimate=est,
+        )
+
+    one, two = projection(40.0), projection(80.0)
+    assert two["speed_vs_estimate"] == pytest.approx(2 * one["speed_vs_estimate"], rel=1e-3)
+    assert two["seconds_left"] == pytest.approx(2 * one["seconds_left"], rel=1e-3)
+    model_total = est["training_seconds"] + est["phases"]["finalization"]
+    assert 40.0 + one["seconds_left"] == pytest.approx(
+        one["speed_vs_estimate"] * model_total, rel=1e-3
+    )
+
+
+def test_job_cost_detail_gives_cost_so_far_estimate_range_and_projected_variance(
+    training_file, smollm, smoke
+):
+    from django.utils import timezone
+
+    from training.models import MetricPoint
+
+    GpuPrice.objects.filter(gpu_type="cpu-local").update(
+        spot_per_hour=Decimal("100"), on_demand_per_hour=Decimal("100")
+    )
+
+    start = timezone.now() - timedelta(seconds=600)
+    job = make_job(
+        training_file=training_file,
+        base_model=smollm,
+        preset=smoke,
+        executor="local",
+        gpu_type="",
+        status=S.TRAINING,
+        start=start,
+        stages=[(S.QUEUED, -1), (S.PROVISIONING, 0), (S.TRAINING, 10)],
+    )
+    cost = services.job_cost_record(job=job)
+    type(job).objects.filter(pk=job.pk).update(total_steps=cost.estimate["steps"])
+    # Far slower than estimated: one step in 590 s.
+    point = MetricPoint.objects.create(job=job, step=1)
+    MetricPoint.objects.filter(pk=point.pk).update(recorded_at=start + timedelta(seconds=600))
+    services.costs_accrue(now=start + timedelta(seconds=600))
+    detail = services.job_cost_detail(job_id=job.pk)
+    assert detail["accrued"] == services.money(Decimal(600) * 100 / 3600)
+    assert detail["estimate_low"] < detail["estimate"] < detail["estimate_high"]
+    assert detail["variance_pct"] == pytest.approx(
+        100 * (float(detail["accrued"]) / float(detail["estimate"]) - 1), abs=0.5
+    )
+    assert detail["warning_percent"] == 20
+    assert detail["projection"]["final_cost"] > float(detail["accrued"])
+    assert detail["projected_variance_pct"] > 20 and detail["projected_warning"] is True
