@@ -999,12 +999,19 @@ def job_template_from_job(
             details={"status": job.status},
         )
     preset = job.preset
-    base = preset.hyperparameters if preset else {}
     flat = _flat_configuration(job.configuration)
-    # Keep only what differs from the preset, so the template reads as "preset + changes".
-    overrides = {k: v for k, v in flat.items() if base.get(k, object()) != v}
-    if preset is None:
-        overrides = flat
+    overrides = flat
+    if preset is not None:
+        # Keep only what differs from the preset (resolved with the defaults), so the
+        # template reads as "preset + changes".
+        base = _flat_configuration(
+            resolve_configuration(
+                preset_hyperparameters=preset.hyperparameters,
+                overrides=None,
+                context_length=job.base_model.context_length,
+            )
+        )
+        overrides = {k: v for k, v in flat.items() if base.get(k, object()) != v}
     return job_template_create(
         user=user,
         name=name,

@@ -225,8 +225,10 @@ def template_save(request: HttpRequest, job_id) -> HttpResponse:
         "description": request.POST.get("description", "").strip()
         if request.method == "POST"
         else job.description,
+        # Forms that show the checkbox say so (an unticked box sends nothing); a short form
+        # elsewhere (the job page's menu) keeps the job's file.
         "include_training_file": request.POST.get("include_training_file") == "on"
-        if request.method == "POST"
+        if request.method == "POST" and request.POST.get("file_choice_shown")
         else True,
     }
     context = {

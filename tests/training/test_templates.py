@@ -226,8 +226,13 @@ def test_save_as_template_from_the_job_page(done):
     assert 'class="card template-card is-new"' in html
 
     # Without the file: whoever starts it picks one.
-    client.post(f"/training/{done.pk}/save-template/", {"name": "Any file"})
+    client.post(
+        f"/training/{done.pk}/save-template/", {"name": "Any file", "file_choice_shown": "1"}
+    )
     assert JobTemplate.objects.get(name="Any file").training_file is None
+    # The job page's short form (a name only) keeps the job's file.
+    client.post(f"/training/{done.pk}/save-template/", {"name": "Short form"})
+    assert JobTemplate.objects.get(name="Short form").training_file == done.training_file
 
 
 @pytest.mark.django_db
