@@ -202,6 +202,37 @@ def test_accrual_follows_stored_times_recoveries_included_and_survives_restart(
     assert abs(later - expected - Decimal(60) * Decimal("2.49") / 3600) < Decimal("0.001")
 
 
+def test_live_cost_is_refreshed_by_the_scheduler_at_least_every_60_seconds(
+    settings, training_file, smollm, smoke, fake_executor
+):
+    """The beat runs training's reconcile at most 60 s apart, and reconcile accrues live cost."""
+    from training.services import training_jobs_reconcile
+
+    schedule = settings.CELERY_BEAT_SCHEDULE["reconcile-training-jobs"]
+    assert schedule["task"] == "training.tasks.reconcile_training_jobs"
+    assert float(schedule["schedule"]) <= 60
+    start = timezone.now() - timedelta(seconds=900)
+    job = make_job(
+        training_file=training_file,
+        base_model=smollm,
+        preset=smoke,
+        status=S.TRAINING,
+        rate=Decimal("7.99"),
+        estimate=5,
+        start=start,
+        executor_ref="fake-1",
+        last_event_at=timezone.now(),  # a live worker: its heartbeat just came
+        stages=[(S.QUEUED, -1), (S.PROVISIONING, 0), (S.TRAINING, 10)],
+    )
+    training_jobs_reconcile()
+    cost = JobCost.objects.get(job=job)
+    assert cost.accrued_at is not None and timezone.now() - cost.accrued_at < timedelta(seconds=5)
+    assert cost.held_seconds >= 900
+    assert abs(cost.accrued - Decimal(cost.held_seconds) * Decimal("7.99") / 3600) < Decimal(
+        "0.001"
+    )
+
+
 def test_reestimate_from_measured_speed(training_file, smollm, smoke):
     start = timezone.now() - timedelta(seconds=1000)
     job = make_job(
