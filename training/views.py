@@ -608,7 +608,17 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
         if job is None:
             raise Http404("No such training job.")
         if not (live and job.is_terminal and part == "status"):
-            response = render(request, f"training/detail.html#{part}", _live_context(job, now))
+            context = _live_context(job, now)
+            if live and part == "status":
+                event_type = request.GET.get("event_type", "")[:32]
+                # The stage badge, the stage list and the event log follow along (oob swaps).
+                context |= {
+                    "oob": True,
+                    "timeline": _timeline(job, now),
+                    "events": _events(job, event_type),
+                    "event_type": event_type,
+                }
+            response = render(request, f"training/detail.html#{part}", context)
             patch_vary_headers(response, ["HX-Request"])
             return response
         # It finished while the page was open: swap the whole page body in place (results,

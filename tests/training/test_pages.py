@@ -568,7 +568,7 @@ def test_every_state_has_a_detail_page(jobs):
     viewer, _ = signed_in(Role.VIEWER)
     for state, job in jobs.items():
         html = html_of(engineer.get(f"/training/{job.pk}/"))
-        assert f'<span class="badge badge-{job.status} badge-lg">' in html, state
+        assert f'id="job-badge" class="badge badge-{job.status} badge-lg">' in html, state
         assert "hx-post" not in html_of(viewer.get(f"/training/{job.pk}/")), state
     pending = html_of(engineer.get(f"/training/{jobs['pending'].pk}/"))
     assert "No dataset report yet" in pending and "The curve appears" in pending
@@ -603,8 +603,16 @@ def test_status_partial_and_refresh_when_finished(jobs):
     html = html_of(client.get(url, headers=HTMX))
     assert html.lstrip().startswith('<section id="job-status"')
     assert "<html" not in html and "every 5s" in html
+    # The stage badge, the stage list and the event log follow along out of band.
+    for oob in ('id="job-badge" hx-swap-oob="true"', 'id="job-stages" hx-swap-oob="true"'):
+        assert oob in html, oob
+    assert 'id="event-log" hx-swap-oob="true"' in html
+    assert "Cost so far" in html
+    filtered = html_of(client.get(f"{url}&event_type=checkpoint", headers=HTMX))
+    assert "No checkpoint events" in filtered or "event-checkpoint" in filtered
     latest = html_of(client.get(f"/training/{running.pk}/?part=latest", headers=HTMX))
     assert latest.lstrip().startswith('<section id="job-latest"') and "Train loss" in latest
+    assert "hx-swap-oob" not in latest
     TrainingJob.objects.filter(pk=running.pk).update(status=S.COMPLETED)
     done = client.get(url, headers=HTMX)
     # Finished: the whole page body is swapped in place, no reload.

@@ -1,0 +1,226 @@
+"""Server time of the training dashboard at scale.
+
+1. The job list with 10,000 jobs (default view, a filtered and searched view, and sorted by
+   duration), through the Django test client (middleware, view, template). Baseline, in the
+   same run: the same page when the view evaluates every matching job before paginating
+   (what a list without database pagination does).
+2. The chart endpoint of a job with 1,000,000 metric points: cold (a running job, nothing
+   cached: one GROUP BY for the MinMax preselection, then LTTB) and warm (a finished job,
+   served from the cache), and a live increment (``?after=``). Baseline: the naive endpoint
+   that returns every point (all rows serialised, as GET /api/v1/training/jobs/{id}/metrics
+   does).
+
+Each figure is the median of several requests; the target is under 150 ms each.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import statistics
+import time
+from datetime import timedelta
+from decimal import Decimal
+
+JOBS = 10_000
+POINTS = 1_000_000
+TARGET_MS = 150.0
+
+
+def _conversations(n: int) -> bytes:
+    rows = [
+        {
+            "id": f"b-{i}",
+            "system_prompt": "You are a careful financial advisor.",
+            "training_pairs": [{"user_input": f"Goal {i}?", "target_response": "Save " * 20}],
+        }
+        for i in range(n)
+    ]
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def _median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _seed_jobs(user, training_file, smollm, presets) -> None:
+    from django.utils import timezone
+
+    from training import services
+    from training.models import JobStatus, TrainingJob
+
+    rng = random.Random(11)
+    template = services.training_job_create(
+        user=user, training_file=training_file, base_model=smollm, preset=presets[0], name="t"
+    )
+    statuses = [s for s, _ in JobStatus.choices]
+    tags = ["experiment", "production", "client:acme", "client:zen", "sweep", "test"]
+    now = timezone.now()
+    rows = []
+    for i in range(JOBS):
+        status = rng.choice(statuses)
+        created = now - timedelta(minutes=i * 7)
+        started = created + timedelta(minutes=2) if status != "pending" else None
+        done = status in ("completed", "failed", "cancelled")
+        rows.append(
+            TrainingJob(
+                name=f"Advisor run {i:05d}",
+                notes="aggressive learning rate" if i % 17 == 0 else "",
+                tags=sorted(rng.sample(tags, rng.randint(0, 3))),
+                training_file=training_file,
+                base_model=smollm,
+                preset=rng.choice(presets),
+                configuration=template.configuration,
+                status=status,
+                progress=100.0 if status == "completed" else rng.uniform(0, 90),
+                current_step=rng.randint(0, 500),
+                total_steps=500,
+                cost_estimate=Decimal(rng.randint(1, 120)),
+                cost_actual=Decimal(str(round(rng.uniform(0, 140), 2))),
+                created_by=user,
+                started_at=started,
+                completed_at=started + timedelta(minutes=rng.randint(5, 900)) if done else None,
+                perplexity_baseline=24.5 if status == "completed" else None,
+                perplexity_trained=16.8 if status == "completed" else None,
+            )
+        )
+    TrainingJob.objects.bulk_create(rows, batch_size=1000)
+    # auto_now_add ignores the value given: spread the creation times afterwards.
+    ids = list(TrainingJob.objects.order_by("name").values_list("id", flat=True))
+    for i, pk in enumerate(ids):
+        if i % 500 == 0:
+            TrainingJob.objects.filter(pk__in=ids[i : i + 500]).update(
+                created_at=now - timedelta(minutes=i * 7)
+            )
+
+
+def _seed_points(job) -> None:
+    from django.db import connection, transaction
+
+    from training.models import MetricPoint
+
+    table = MetricPoint._meta.db_table
+    sql = (
+        f"INSERT INTO {table} (job_id, step, epoch, train_loss, val_loss, learning_rate, "
+        "grad_norm, tokens_per_second, gpu_memory_mb, elapsed_seconds, eta_seconds, "
+        "recorded_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    )
+    rng = random.Random(3)
+    now = job.created_at
+    job_id = job.pk.hex if connection.vendor == "sqlite" else job.pk
+
+    def rows(start, stop):
+        for step in range(start, stop):
+            loss = 1.1 + 2.0 * math.exp(-step / 150_000) + rng.uniform(-0.05, 0.05)
+            lr = 2e-4 * 0.5 * (1 + math.cos(math.pi * step / POINTS))
+            val = 1.3 + 1.8 * math.exp(-step / 150_000) if step % 1000 == 0 else None
+            yield (job_id, step, step / POINTS, loss, val, lr, 0.9, 2100.0, 11264.0,
+                   step * 0.1, (POINTS - step) * 0.1, now)  # fmt: skip
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        for start in range(1, POINTS + 1, 50_000):
+            cursor.executemany(sql, list(rows(start, min(start + 50_000, POINTS + 1))))
+
+
+def main() -> None:
+    from django.core.cache import cache
+    from django.http import JsonResponse
+    from django.test import Client
+
+    from config.roles import Role
+    from corpora.services import training_file_create
+    from tests.factories import UserFactory
+    from training import views
+    from training.models import BaseModel, JobStatus, MetricPoint, Preset, TrainingJob
+
+    user = UserFactory(role=Role.ENGINEER)
+    client = Client()
+    client.force_login(user)
+    training_file = training_file_create(
+        name="bench", upload=io.BytesIO(_conversations(20)), user=None
+    )
+    smollm = BaseModel.objects.get(name="SmolLM2-135M-Instruct")
+    presets = list(Preset.objects.all())
+    start = time.perf_counter()
+    _seed_jobs(user, training_file, smollm, presets)
+    print(f"seeded {TrainingJob.objects.count():,} jobs in {time.perf_counter() - start:.1f} s")
+
+    # --- The list ---------------------------------------------------------------------
+    urls = {
+        "default": "/training/",
+        "filtered": "/training/?q=advisor&tag=production&cost_min=10&cost_max=90&status=completed",
+        "by duration": "/training/?sort=-duration&page=7",
+    }
+    for url in urls.values():  # warm up (templates, caches)
+        assert client.get(url).status_code == 200
+    ours = {name: _median_ms(lambda u=url: client.get(u), 7) for name, url in urls.items()}
+
+    original = views._filtered_jobs
+    views._filtered_jobs = lambda filters, sort="-created": list(original(filters, sort))
+    try:
+        naive = {name: _median_ms(lambda u=url: client.get(u), 3) for name, url in urls.items()}
+    finally:
+        views._filtered_jobs = original
+    for name in urls:
+        ratio = naive[name] / ours[name]
+        flag = "ok" if ours[name] < TARGET_MS else "OVER TARGET"
+        print(
+            f"list page, {JOBS:,} jobs, {name}: {ours[name]:.1f} ms ({flag}); baseline "
+            f"(evaluate all, then paginate) {naive[name]:.1f} ms; ratio {ratio:.1f}x"
+        )
+
+    # --- The chart --------------------------------------------------------------------
+    job = TrainingJob.objects.filter(status=JobStatus.TRAINING).first()
+    start = time.perf_counter()
+    _seed_points(job)
+    print(
+        f"seeded {MetricPoint.objects.filter(job=job).count():,} metric points in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    url = f"/training/{job.pk}/chart/"
+    response = client.get(url)
+    data = response.json()
+    assert response.status_code == 200 and data["downsampled"], data.get("points_logged")
+    size_kb = len(response.content) / 1024
+    cold = _median_ms(lambda: client.get(url), 5)
+    increment = _median_ms(lambda: client.get(f"{url}?after={POINTS - 20}"), 5)
+
+    TrainingJob.objects.filter(pk=job.pk).update(status=JobStatus.COMPLETED)
+    cache.clear()
+    first_finished = _median_ms(lambda: client.get(url), 1)
+    warm = _median_ms(lambda: client.get(url), 7)
+
+    def naive_endpoint():
+        rows = list(
+            MetricPoint.objects.filter(job=job)
+            .order_by("step")
+            .values("step", "train_loss", "val_loss", "learning_rate")
+        )
+        return JsonResponse({"points": rows})
+
+    start = time.perf_counter()
+    naive_size = len(naive_endpoint().content) / 1024 / 1024
+    baseline = (time.perf_counter() - start) * 1000
+    for label, ms in (
+        ("cold (running job, MinMax SQL + LTTB)", cold),
+        ("first request of a finished job", first_finished),
+        ("warm (finished job, cached)", warm),
+        ("live increment (?after=)", increment),
+    ):
+        flag = "ok" if ms < TARGET_MS else "OVER TARGET"
+        print(
+            f"chart endpoint, {POINTS:,} points, {label}: {ms:.1f} ms ({flag}); "
+            f"ratio against the naive endpoint {baseline / ms:.1f}x"
+        )
+    print(
+        f"naive endpoint (every point, {naive_size:.1f} MiB of JSON): {baseline:.0f} ms; "
+        f"downsampled response: {len(data['train'])} + {len(data['val'])} + {len(data['lr'])} "
+        f"points, {size_kb:.0f} KiB"
+    )
