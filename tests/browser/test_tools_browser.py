@@ -210,9 +210,11 @@ def test_compare_templates_and_playground(browser, live_server, ada, two_jobs, m
     prompt.clear()
     prompt.send_keys("How do I start saving money when my income is irregular?")
     browser.find_element(By.ID, "run-button").click()
-    _wait(browser).until(
+    running = _wait(browser).until(
         ec.presence_of_element_located((By.CSS_SELECTOR, "#playground-run[aria-busy=true]"))
     )
+    assert running.find_element(By.CSS_SELECTOR, ".spinner").is_displayed()
+    _shoot(browser, "tools-playground-running.png")
     answer = _wait(browser).until(
         ec.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid=adapter-output]"))
     )
@@ -225,3 +227,54 @@ def test_compare_templates_and_playground(browser, live_server, ada, two_jobs, m
     assert "greedy" in browser.find_element(By.CSS_SELECTOR, ".run-meta").text
     assert _console_errors(browser) == []
     _shoot_full_page(browser, "tools-playground.png")
+
+
+def test_empty_and_read_only_states(browser, live_server, ada):  # noqa: F811
+    """A viewer: every page says what to do when there is nothing yet, and offers no action."""
+    import io
+
+    from config.roles import Role
+    from config.services import user_create
+    from corpora.services import training_file_create
+    from tests.training.conftest import conversations
+    from tests.training.test_pages import completed_job
+    from training import services
+    from training.models import BaseModel, Preset
+
+    user_create(username="vera", role=Role.VIEWER, actor=None, password=PASSWORD)
+    _sign_in(browser, live_server, "vera", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+    for path, text in [
+        ("/training/compare/", "Nothing to compare yet"),
+        ("/training/templates/", "No templates yet"),
+        ("/training/playground/", "No adapter to try yet"),
+    ]:
+        browser.get(f"{live_server.url}{path}")
+        empty = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".empty")))
+        assert text in empty.text
+    _shoot(browser, "tools-templates-empty.png")
+
+    training_file = training_file_create(
+        name="advisor", upload=io.BytesIO(conversations(6)), user=ada
+    )
+    job = completed_job(
+        training_file,
+        BaseModel.objects.get(name="SmolLM2-135M-Instruct"),
+        Preset.objects.get(key="smoke"),
+        user=ada,
+    )
+    services.job_template_from_job(job=job, user=ada, name="Advisor production")
+    browser.get(f"{live_server.url}/training/templates/")
+    card = _wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".template-card")))
+    assert card.find_elements(By.CSS_SELECTOR, "button, [data-testid=start-template]") == []
+    browser.get(f"{live_server.url}/training/playground/")
+    _wait(browser).until(ec.presence_of_element_located((By.ID, "playground-job")))
+    assert browser.find_elements(By.ID, "playground-form") == []
+    assert "Engineers and admins run new prompts" in browser.find_element(By.ID, "content").text
+    # One job is not a comparison: the page says what is missing.
+    browser.get(f"{live_server.url}/training/compare/?jobs={job.pk}")
+    error = _wait(browser).until(ec.visibility_of_element_located((By.ID, "compare-error")))
+    assert "Pick at least one more job" in error.text
+    # The page answers 400 (Chromium logs that status); no script error besides.
+    assert all("400 (Bad Request)" in e for e in _console_errors(browser))
+    _shoot(browser, "tools-compare-one-job.png")
