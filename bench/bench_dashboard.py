@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
 import statistics
@@ -94,11 +95,10 @@ def _seed_jobs(user, training_file, smollm, presets) -> None:
     TrainingJob.objects.bulk_create(rows, batch_size=1000)
     # auto_now_add ignores the value given: spread the creation times afterwards.
     ids = list(TrainingJob.objects.order_by("name").values_list("id", flat=True))
-    for i, pk in enumerate(ids):
-        if i % 500 == 0:
-            TrainingJob.objects.filter(pk__in=ids[i : i + 500]).update(
-                created_at=now - timedelta(minutes=i * 7)
-            )
+    for i in range(0, len(ids), 100):
+        TrainingJob.objects.filter(pk__in=ids[i : i + 100]).update(
+            created_at=now - timedelta(minutes=i * 7)
+        )
 
 
 def _seed_points(job) -> None:
@@ -107,11 +107,13 @@ def _seed_points(job) -> None:
     from training.models import MetricPoint
 
     table = MetricPoint._meta.db_table
-    sql = (
-        f"INSERT INTO {table} (job_id, step, epoch, train_loss, val_loss, learning_rate, "
-        "grad_norm, tokens_per_second, gpu_memory_mb, elapsed_seconds, eta_seconds, "
-        "recorded_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    columns = (
+        "job_id, step, epoch, train_loss, val_loss, learning_rate, grad_norm, "
+        "tokens_per_second, gpu_memory_mb, elapsed_seconds, eta_seconds, recorded_at"
     )
+    marks = ", ".join(["%s"] * 12)
+    # The table name comes from the model, not from input.
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({marks})"  # noqa: S608
     rng = random.Random(3)
     now = job.created_at
     job_id = job.pk.hex if connection.vendor == "sqlite" else job.pk
@@ -140,6 +142,7 @@ def main() -> None:
     from training import views
     from training.models import BaseModel, JobStatus, MetricPoint, Preset, TrainingJob
 
+    logging.getLogger("crucible.access").setLevel(logging.WARNING)
     user = UserFactory(role=Role.ENGINEER)
     client = Client()
     client.force_login(user)

@@ -129,6 +129,13 @@ class NewJobForm(forms.Form):
         required=False,
         help_text="Comma-separated, e.g. experiment, client:acme.",
     )
+    override_reason = forms.CharField(
+        max_length=500,
+        required=False,
+        label="Budget override reason",
+        help_text="Admins only: start this job even over the monthly budget, with a reason "
+        "for the audit log.",
+    )
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

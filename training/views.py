@@ -959,7 +959,11 @@ def new_job(request: HttpRequest) -> HttpResponse:
                             gpu_type=form.gpu_type_key,
                             spot=form.spot,
                         )
-                        services.training_job_start(job=job, user=request.user)
+                        services.training_job_start(
+                            job=job,
+                            user=request.user,
+                            override_reason=data["override_reason"].strip(),
+                        )
                 except CrucibleError as exc:
                     start_error = exc.message
                 else:
@@ -992,6 +996,7 @@ def new_job(request: HttpRequest) -> HttpResponse:
         "file_check": _file_check(_selected_file(bound)),
         "review": _review(form) if stage == "review" else None,
         "runpod_available": runpod_available(),
+        "can_override": request.user.has_perm("core.override_budgets"),
         "index_url": reverse("training:index"),
     }
     status = 200

@@ -94,6 +94,41 @@ def test_training_list_and_job_pages(browser, live_server, ada, jobs, monkeypatc
     assert _console_errors(browser) == []
     _shoot_full_page(browser, "training-list.png")
 
+    # Compare: pick two jobs; the selection survives the live refresh of the table.
+    button = browser.find_element(By.ID, "compare-button")
+    assert not button.is_enabled()
+    picked = [jobs["completed"], jobs["failed"]]
+    for job in picked:
+        box = browser.find_element(By.CSS_SELECTOR, f".compare-check[value='{job.pk}']")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+        box.click()
+    assert browser.find_element(By.ID, "compare-button").is_enabled()
+    browser.execute_script("document.getElementById('training-jobs').dataset.stale = '1'")
+    _wait(browser).until(
+        lambda b: not b.find_element(By.ID, "training-jobs").get_attribute("data-stale")
+    )
+    checked = browser.execute_script(
+        "return [...document.querySelectorAll('.compare-check:checked')].map(b => b.value)"
+    )
+    assert sorted(checked) == sorted(str(j.pk) for j in picked)
+    assert "2 selected" in browser.find_element(By.ID, "compare-form").text
+    compare_url = browser.execute_script(
+        "const f = document.getElementById('compare-form');"
+        "return f.action + '?' + new URLSearchParams(new FormData(f)).toString();"
+    )
+    assert compare_url.count("jobs=") == 2 and "/training/compare/" in compare_url
+    for job in picked:  # clear the selection again
+        box = browser.find_element(By.CSS_SELECTOR, f".compare-check[value='{job.pk}']")
+        browser.execute_script("arguments[0].click()", box)
+
+    # More filters open in place.
+    toggle = browser.find_element(By.CSS_SELECTOR, "[data-toggle-filters]")
+    toggle.click()
+    assert browser.find_element(By.ID, "filters-more").is_displayed()
+    assert toggle.get_attribute("aria-expanded") == "true"
+    _shoot(browser, "training-list-filters.png")
+    toggle.click()
+
     # Filtering swaps the table in place and puts the filter in the address bar.
     browser.execute_script("document.getElementById('training-jobs').dataset.stale = '1'")
     Select(browser.find_element(By.NAME, "status")).select_by_value("failed")

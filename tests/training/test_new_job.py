@@ -213,3 +213,20 @@ def test_a_template_or_a_job_prefills_the_form(training_file, smollm, smoke):
     assert '<details class="advanced" open>' in html and 'value="0.0005"' in html
     assert html_of(client.get("/training/new/?template=999999"))  # unknown: plain form
     assert html_of(client.get("/training/new/?from_job=not-a-uuid"))
+
+
+def test_admins_may_give_a_budget_override_reason(training_file, monkeypatch, no_launch):
+    seen = []
+    monkeypatch.setattr(
+        "training.services.billing_hooks.before_start",
+        lambda *, job, user, override_reason="": seen.append(override_reason),
+    )
+    engineer, _ = signed_in(Role.ENGINEER)
+    review = html_of(engineer.post("/training/new/", form_data(training_file, action="review")))
+    assert "Budget override reason" not in review
+    admin, _ = signed_in(Role.ADMIN)
+    review = html_of(admin.post("/training/new/", form_data(training_file, action="review")))
+    assert "Budget override reason" in review
+    data = form_data(training_file, action="start", override_reason=" client deadline ")
+    assert admin.post("/training/new/", data).status_code == 302
+    assert seen == ["client deadline"]
