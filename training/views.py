@@ -711,7 +711,7 @@ def chart_data(request: HttpRequest, job_id) -> JsonResponse:
     """The loss and learning-rate series of a job, downsampled (training.charts)."""
     job = (
         TrainingJob.objects.filter(pk=job_id)
-        .only("id", "status", "total_steps", "completed_at")
+        .only("id", "status", "total_steps", "completed_at", "attempt")
         .first()
     )
     if job is None:

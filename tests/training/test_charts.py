@@ -121,9 +121,18 @@ def test_a_finished_jobs_chart_is_cached(training_file, smollm, smoke, django_as
     add_metrics(job, 50)
     job = TrainingJob.objects.get(pk=job.pk)
     first = charts.chart_series(job)
-    with django_assert_num_queries(1):  # the cache read only
+    with django_assert_num_queries(2):  # the step range (index only) and the cache read
         second = charts.chart_series(job)
     assert first == second and len(second["train"]) == 50
+    # A running job's series is cached until its next step.
+    running = make_job(training_file, smollm, smoke, name="Running", status=JobStatus.TRAINING)
+    add_metrics(running, 50, until=20)
+    running = TrainingJob.objects.get(pk=running.pk)
+    assert len(charts.chart_series(running)["train"]) == 20
+    with django_assert_num_queries(2):
+        charts.chart_series(running)
+    MetricPoint.objects.create(job=running, step=21, train_loss=1.0)
+    assert len(charts.chart_series(running)["train"]) == 21
 
 
 @pytest.mark.django_db
