@@ -434,8 +434,10 @@ def playground(request: HttpRequest) -> HttpResponse:
         job = jobs[0]
     can_run = _can_run(request)
     form = _playground_defaults()
+    examples = _training_examples(job) if job is not None else {"system": "", "prompts": []}
     context = {
         "section": SECTION,
+        "examples": examples["prompts"],
         "jobs": jobs,
         "job": job,
         "job_missing": bool(job_id) and job is None,
@@ -485,6 +487,13 @@ def playground(request: HttpRequest) -> HttpResponse:
                 )
             except CrucibleError as exc:
                 context["error"], context["field_errors"] = _error_text(exc)
+                if context["field_errors"]:
+                    count = len(context["field_errors"])
+                    context["error"] = (
+                        "Check the highlighted field."
+                        if count == 1
+                        else f"Check the {count} highlighted fields."
+                    )
         if run is None:
             template = "training/playground.html#form" if htmx else "training/playground.html"
             if not htmx:
@@ -511,10 +520,8 @@ def playground(request: HttpRequest) -> HttpResponse:
             "system_prompt": run.system_prompt,
             **{k: v for k, v in (run.decoding or {}).items() if k in form},
         }
-    examples = _training_examples(job) if job is not None else {"system": "", "prompts": []}
     if run is None and job is not None:
         form["system_prompt"] = examples["system"]
-    context["examples"] = examples["prompts"]
     context["runs"] = _recent_runs(job)
     status = 404 if context["job_missing"] else 200
     return render(request, "training/playground.html", context, status=status)

@@ -28,18 +28,26 @@
   }
 
   /* --- Server and network errors of htmx requests: say so instead of doing nothing ------- */
+  // The element that made the request (event.detail.elt can be the swap target).
+  function source(detail) {
+    var elt = (detail.requestConfig && detail.requestConfig.elt) || detail.elt;
+    return elt && elt.closest ? elt : document.body;
+  }
+  function isFormValidation(detail) {
+    return detail.xhr.status === 400 && !!source(detail).closest("form");
+  }
+
   document.addEventListener("htmx:responseError", function (event) {
-    var xhr = event.detail.xhr;
     // A 400 from a form carries its own validation message in the swapped HTML.
-    if (xhr.status === 400 && event.detail.elt.closest("form")) return;
-    showError(errorMessage(xhr));
+    if (isFormValidation(event.detail)) return;
+    showError(errorMessage(event.detail.xhr));
   });
   document.addEventListener("htmx:sendError", function () {
     showError("The server could not be reached. Check your connection and try again.");
   });
   // Forms answered with 400 still swap their re-rendered HTML (field errors).
   document.addEventListener("htmx:beforeSwap", function (event) {
-    if (event.detail.xhr.status === 400 && event.detail.elt.closest("form")) {
+    if (isFormValidation(event.detail)) {
       event.detail.shouldSwap = true;
       event.detail.isError = false;
     }
@@ -94,6 +102,15 @@
     event.preventDefault();
     var form = event.target.form;
     if (form.requestSubmit) form.requestSubmit(); else form.submit();
+  });
+  // After a form comes back with errors, focus the first field to fix.
+  document.addEventListener("htmx:afterSettle", function (event) {
+    var invalid = document.querySelector("#playground-form [aria-invalid=true]");
+    if (invalid && event.detail.xhr && event.detail.xhr.status === 400) {
+      var details = invalid.closest("details");
+      if (details) details.open = true;
+      invalid.focus();
+    }
   });
   // After an answer arrives, move focus to it for keyboard and screen-reader users.
   document.addEventListener("htmx:afterSwap", function (event) {

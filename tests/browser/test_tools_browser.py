@@ -205,6 +205,16 @@ def test_compare_templates_and_playground(browser, live_server, ada, two_jobs, m
     browser.get(f"{live_server.url}/training/playground/?job={b.pk}")
     prompt = _wait(browser).until(ec.presence_of_element_located((By.ID, "prompt")))
     assert "Elena Morales" in browser.find_element(By.ID, "system-prompt").get_attribute("value")
+    # An empty prompt: the form comes back in place with the error on the field.
+    browser.find_element(By.ID, "run-button").click()
+    error = _wait(browser).until(ec.visibility_of_element_located((By.ID, "prompt-error")))
+    assert error.text == "Type a prompt."
+    assert browser.find_element(By.ID, "prompt").get_attribute("aria-invalid") == "true"
+    assert browser.switch_to.active_element.get_attribute("id") == "prompt"  # focus on the fix
+    assert len(browser.find_elements(By.TAG_NAME, "h1")) == 1
+    _shoot(browser, "tools-playground-invalid.png")
+    assert all("400 (Bad Request)" in e for e in _console_errors(browser))  # that answer only
+    prompt = browser.find_element(By.ID, "prompt")
     browser.find_element(By.CSS_SELECTOR, "[data-example]").click()
     assert prompt.get_attribute("value") == "How do I save for goal 0?"
     prompt.clear()

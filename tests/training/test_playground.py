@@ -248,7 +248,8 @@ def test_playground_page_validation_and_roles(job, training_file, smollm, smoke,
     )
     assert response.status_code == 400
     html = response.content.decode()
-    assert "prompt: Type a prompt." in html and 'aria-invalid="true"' in html
+    assert "Check the highlighted field." in html and "Type a prompt." in html
+    assert 'aria-invalid="true"' in html
     response = client.post(
         "/training/playground/", {"job": str(job.pk), "prompt": "x", "temperature": "hot"}
     )
