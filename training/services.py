@@ -659,6 +659,14 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
                 reason=f"no heartbeat for {int((now - job.last_heartbeat_at).total_seconds())} s",
             )
             summary["recovered"] += 1
+    # A launch whose process died between claiming the job and storing the handle: try again
+    # (a pod it may have created has no owner and is terminated by the orphan sweep).
+    TrainingJob.objects.filter(
+        status=S.PROVISIONING,
+        executor_ref="",
+        launch_retry_at__isnull=True,
+        updated_at__lt=now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S),
+    ).update(launch_retry_at=now)
     summary["launch_retries"] = 0
     for job in TrainingJob.objects.filter(
         status=S.PROVISIONING, executor_ref="", launch_retry_at__lte=now

@@ -342,16 +342,32 @@ def test_gpu_prices_refresh_the_billing_catalogue(sleepers, db):
 
 
 def test_readyz_reports_runpod_without_calling_it(loopback, db, settings):
+    from config.health import providers
+
     before = len(loopback.requests)
     body = Client().get("/readyz").json()
     assert body["providers"]["runpod"]["configured"] is True
     runpod_executor.gpu_types(refresh=True)
-    body = Client().get("/readyz").json()
-    assert "last call (GPU types) ok" in body["providers"]["runpod"]["detail"]
+    assert "last call (GPU types) ok" in providers()["runpod"]["detail"]
     assert len(loopback.requests) == before + 1  # only the call made above
     settings.RUNPOD_API_KEY = ""
-    body = Client().get("/readyz").json()
-    assert body["providers"]["runpod"] == {
+    assert providers()["runpod"] == {
         "configured": False,
         "detail": "not configured (RUNPOD_API_KEY unset): local executor only",
     }
+
+
+def test_a_launch_that_died_before_storing_its_pod_is_tried_again(
+    sleepers, inline_commit, training_file, smollm, smoke, settings
+):
+    job = make_job(training_file, smollm, smoke, start=False)
+    TrainingJob.objects.filter(pk=job.pk).update(
+        status=JobStatus.PROVISIONING,
+        attempt=1,
+        updated_at=timezone.now() - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S + 1),
+    )
+    lost = sleepers.add_pod(name=f"crucible-{job.pk}-a1")  # created, but never stored
+    services.training_jobs_reconcile()
+    job.refresh_from_db()
+    assert job.executor_ref in sleepers.pods and job.executor_ref != lost
+    assert services.runpod_pods_sweep()["terminated"] == [lost]
