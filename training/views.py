@@ -997,6 +997,7 @@ def new_job(request: HttpRequest) -> HttpResponse:
         "review": _review(form) if stage == "review" else None,
         "runpod_available": runpod_available(),
         "can_override": request.user.has_perm("core.override_budgets"),
+        "has_files": TrainingFile.objects.exists(),
         "index_url": reverse("training:index"),
     }
     status = 200

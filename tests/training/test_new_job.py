@@ -230,3 +230,10 @@ def test_admins_may_give_a_budget_override_reason(training_file, monkeypatch, no
     data = form_data(training_file, action="start", override_reason=" client deadline ")
     assert admin.post("/training/new/", data).status_code == 302
     assert seen == ["client deadline"]
+
+
+def test_without_training_files_the_form_says_where_to_get_one(db):
+    client, _ = signed_in(Role.ENGINEER)
+    html = html_of(client.get("/training/new/"))
+    assert "No training files yet" in html and 'href="/datasets/"' in html
+    assert "Choose a training file to see the duration and cost." in html
