@@ -74,15 +74,28 @@
     if (elt && elt.setAttribute && elt.id) elt.setAttribute("aria-busy", "true");
   });
 
+  function signedOut(xhr) {
+    try {
+      return !!(xhr && xhr.responseURL && /\/login\/$/.test(new URL(xhr.responseURL).pathname));
+    } catch (e) { return false; }
+  }
+
+  // A session that ended answers with the sign-in page (a redirect): never swap it into a
+  // part of this page.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    if (signedOut(event.detail.xhr)) event.detail.shouldSwap = false;
+  });
+
   document.addEventListener("htmx:afterRequest", function (event) {
     var elt = event.detail.elt;
     if (elt && elt.setAttribute && elt.id) elt.setAttribute("aria-busy", "false");
     if (elt && elt.getAttribute && elt.getAttribute("data-job-action")) return; // training.js
     var box = liveBox(elt);
     if (!box) return;
-    if (event.detail.successful) { box.hidden = true; return; }
     var xhr = event.detail.xhr;
-    var status = xhr && xhr.status;
+    var ended = signedOut(xhr);
+    if (event.detail.successful && !ended) { box.hidden = true; return; }
+    var status = ended ? 401 : xhr && xhr.status;
     var message;
     if (!status) message = "The server could not be reached; showing the last known state.";
     else if (status === 401 || status === 403) message = "Your session ended or your role changed. Sign in again to keep following this page.";
@@ -180,6 +193,9 @@
   function fetchJson(url) {
     return fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (response) {
+        if (response.redirected && /\/login\/$/.test(new URL(response.url).pathname)) {
+          throw new Error("your session ended; sign in again");
+        }
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.json();
       });

@@ -193,6 +193,17 @@ def test_training_list_and_job_pages(browser, live_server, ada, jobs, monkeypatc
     assert "Retry of" in browser.find_element(By.CSS_SELECTOR, ".job-head").text
     assert _console_errors(browser) == []
 
+    # The session ends while the (queued) retry's page follows it: the page says so and
+    # keeps its content instead of swapping the sign-in page into it.
+    browser.delete_cookie("sessionid")
+    box = _wait(browser).until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, "#job-status .live-error"))
+    )
+    assert "Sign in again" in box.text
+    assert browser.find_element(By.ID, "job-status").is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#job-status form[action*=login]")
+    _shoot(browser, "training-session-ended.png")
+
 
 # --- The main path: a real Smoke job from the form, followed live, downloaded ---------------
 
