@@ -102,6 +102,7 @@ class RatingItemOut(Schema):
     suite: str
     suite_name: str
     prompt: str
+    context: str = Field("", description="A note for raters (never shown to the models)")
     left: str
     right: str
     dimensions: list[DimensionOut]

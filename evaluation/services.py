@@ -867,6 +867,7 @@ def rating_pair_view(*, pair: RatingPair) -> dict:
         "suite": pair.suite,
         "suite_name": Suite(pair.suite).label,
         "prompt": left.prompt,
+        "context": suite.item(pair.item_id).get("context", ""),
         "left": left.text,
         "right": right.text,
         "dimensions": [

@@ -26,6 +26,11 @@ from evaluation.models import (
 from training.models import Artifact, JobStatus, TrainingJob
 
 REFRESH_S = 3
+SUITE_LABELS = [
+    ("knowledge_retention", "Retention"),
+    ("emotional_intelligence", "EI"),
+    ("brand_voice", "Brand voice"),
+]
 STATUS_FILTERS = [("", "All statuses"), *RunStatus.choices]
 
 
@@ -249,6 +254,11 @@ def _run_context(request: HttpRequest, run: ValidationRun) -> dict:
         "approval": approvals[0] if approvals else None,
         "refresh_s": REFRESH_S,
         "ratings_total": run.ratings.count(),
+        "suite_versions": [
+            (label, (run.suites or {}).get(name))
+            for name, label in SUITE_LABELS
+            if (run.suites or {}).get(name)
+        ],
         "ratings_since": _ratings_since(run, metrics),
         **_can(request),
     }

@@ -99,6 +99,7 @@ def test_blind_rating_through_the_api(api_as, completed_run):
         "suite",
         "suite_name",
         "prompt",
+        "context",
         "left",
         "right",
         "dimensions",

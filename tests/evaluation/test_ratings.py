@@ -38,6 +38,7 @@ def test_left_right_is_random_per_item_and_kept_on_the_server(completed_run, ana
             "suite",
             "suite_name",
             "prompt",
+            "context",
             "left",
             "right",
             "dimensions",

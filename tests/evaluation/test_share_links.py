@@ -5,8 +5,8 @@ from datetime import timedelta
 
 import pytest
 from django.urls import reverse
-from django.utils.html import escape
 from django.utils import timezone
+from django.utils.html import escape
 
 from config.errors import NotFound
 from config.roles import Role
