@@ -217,7 +217,7 @@ def main() -> None:
     naive_size = len(naive_endpoint().content) / 1024 / 1024
     baseline = (time.perf_counter() - start) * 1000
     for label, ms in (
-        ("cold (nothing cached: MinMax GROUP BY over every row, then LTTB)", cold),
+        ("cold (nothing cached: MinMax range aggregates over every row, then LTTB)", cold),
         ("running job, again before its next step (cached)", warm_running),
         ("finished job (cached)", warm),
         ("live increment (?after=, what an open page polls)", increment),
