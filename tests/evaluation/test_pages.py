@@ -214,3 +214,16 @@ def test_anonymous_users_are_sent_to_sign_in(client, completed_run):
     ):
         response = client.get(url)
         assert response.status_code == 302 and "/login/" in response["Location"]
+
+
+def test_the_job_card_partial_links_the_validation(rf, completed_run):
+    from django.template import Context, Template
+
+    request = rf.get("/")
+    request.user = UserFactory(role=Role.VIEWER)
+    html = Template("{% load evaluation_tags %}{% validation_card job %}").render(
+        Context({"request": request, "job": completed_run.job})
+    )
+    assert reverse("evaluation:run", args=[completed_run.pk]) in html
+    assert "download/validation-report" in html
+    assert escape(completed_run.metrics["perplexity"]["display"]) in html

@@ -204,3 +204,100 @@ def test_the_workers_completed_event_starts_the_validation(
     run = ValidationRun.objects.get(job=job)
     assert run.trigger == ValidationRun.Trigger.AUTO and run.status == RunStatus.PENDING
     assert started == [str(run.pk)]
+
+
+# --- Acceptance: a real job, a real validation, a real PDF ----------------------------------
+
+
+def _pdf_pages_and_text(pdf: bytes, tmp_path) -> tuple[list, str]:
+    import subprocess
+
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pdf)
+    subprocess.run(["pdftoppm", "-r", "40", "-png", str(path), str(tmp_path / "page")], check=True)
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(path), "-"], check=True, capture_output=True, text=True
+    ).stdout
+    return sorted(tmp_path.glob("page-*.png")), text
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_acceptance_a_trained_job_is_validated_on_cpu_with_a_pdf(
+    live_server, settings, monkeypatch, tmp_path
+):
+    """A real (small) LoRA job trains on this CPU with the offline model; its completion starts
+    the validation, which runs every part with the real scoring and renders the real PDF."""
+    from pathlib import Path
+
+    from config.roles import Role
+    from tests.conftest import ApiClient, fetch_download
+    from tests.factories import TokenFactory, UserFactory
+    from tests.training.test_end_to_end import upload, wait_for
+
+    root = Path(__file__).resolve().parents[2]
+    settings.CRUCIBLE_PUBLIC_URL = live_server.url
+    settings.TRAINING_LAUNCH_INLINE = True
+    settings.RATELIMIT_ENABLE = False
+    settings.TRAINING_MODEL_CACHE = str(root / "var" / "models")
+    settings.EVALUATION_AUTO_START = True
+    settings.EVALUATION_MAX_NEW_TOKENS = 12
+    settings.EVALUATION_BATCH_SIZE = 25
+    settings.EVALUATION_BOOTSTRAP = 300
+    settings.EVALUATION_JUDGE = "offline"
+    settings.MODEL_GATEWAY_URL = ""
+    settings.HF_TOKEN = ""
+    queued: list[str] = []
+    # The worker's completed event enqueues the validation; the test runs the task itself.
+    monkeypatch.setattr("evaluation.tasks.execute_validation_run.delay", queued.append)
+
+    engineer = ApiClient(TokenFactory(user=UserFactory(role=Role.ENGINEER)))
+    training_file = upload(engineer, root / "samples" / "training" / "financial_advisor_v1.jsonl")
+    created = engineer.post(
+        "training/jobs",
+        json={
+            "training_file_id": training_file["id"],
+            "preset": "smoke",
+            "name": "Acceptance",
+            # Smaller than Smoke (fewer steps, shorter rows) but a real trained adapter.
+            "overrides": {"max_steps": 6, "max_seq_length": 256, "checkpoint_every_steps": 6},
+            "start": True,
+        },
+    )
+    assert created.status_code == 201, created.content
+    job = wait_for(created.json()["id"], lambda j: j.is_terminal, timeout=600)
+    assert job.status == JobStatus.COMPLETED, (job.error_type, job.error_message)
+    [run] = ValidationRun.objects.filter(job=job)
+    assert queued == [str(run.pk)] and run.trigger == "auto"
+
+    from evaluation.tasks import execute_validation_run
+
+    assert execute_validation_run(str(run.pk)) == RunStatus.COMPLETED
+    run.refresh_from_db()
+    metrics = run.metrics
+    ppl = metrics["perplexity"]
+    assert ppl["n_documents"] == 9  # 20% of 45 conversations
+    assert ppl["ci_low"] is not None and ppl["ci_high"] is not None
+    assert ppl["trained"] < ppl["baseline"]  # the adapter learned something
+    ret = metrics["retention"]
+    assert ret["n_questions"] == 100 and ret["ci_low"] is not None
+    assert GeneratedResponse.objects.filter(run=run).count() == 160
+    assert metrics["emotional_intelligence"]["source"] == "judge"
+    assert metrics["generation_health"]["baseline"]["n"] == 80
+    assert len(run.examples) == 10
+
+    analyst = ApiClient(TokenFactory(user=UserFactory(role=Role.ANALYST)))
+    item = analyst.get(f"validation/runs/{run.pk}/rating-items/next")
+    assert item.status_code == 200  # responses are ready for rating
+
+    response = engineer.get(f"training/jobs/{job.pk}/download/validation-report")
+    pages, text = _pdf_pages_and_text(fetch_download(response), tmp_path)
+    assert len(pages) >= 2 and all(p.stat().st_size > 1000 for p in pages)
+    flat = " ".join(text.split())
+    for number in (
+        f"{ppl['baseline']:.1f}",
+        f"{ppl['trained']:.1f}",
+        f"{ret['retention_pct']:.1f}",
+    ):
+        assert number in flat, (number, flat[:2000])
+    assert str(run.pk) in flat.replace(" ", "") or str(run.pk)[:8] in flat
