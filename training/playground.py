@@ -163,6 +163,7 @@ def _generate(loaded: _Loaded, messages: list[dict], decoding: Decoding) -> tupl
         output = loaded.model.generate(
             **inputs,
             **decoding.generate_kwargs(),
+            use_cache=True,  # gpu.model turns the cache off for training
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
     seconds = time.perf_counter() - started
