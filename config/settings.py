@@ -341,6 +341,8 @@ EVALUATION_BOOTSTRAP = env.int("EVALUATION_BOOTSTRAP", default=2000)
 EVALUATION_JUDGE = env.str("EVALUATION_JUDGE", default="offline")
 # A validation run is one long task (model loads, generation, scoring).
 EVALUATION_TASK_TIME_LIMIT = env.int("EVALUATION_TASK_TIME_LIMIT", default=4 * 3600)
+# A running validation without progress for this long was abandoned (its worker died).
+EVALUATION_STALE_AFTER_S = env.int("EVALUATION_STALE_AFTER_S", default=2 * 3600)
 # The LLM endpoint of jobs/model_client.py: any OpenAI-compatible base URL; empty with HF_TOKEN
 # set = the Hugging Face router; both empty = the offline model answers.
 MODEL_GATEWAY_URL = env.str("MODEL_GATEWAY_URL", default="")

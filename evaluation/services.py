@@ -16,12 +16,13 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
@@ -195,8 +196,15 @@ def _dimensions(suite) -> list[dict]:
 def validation_run_execute(*, run_id: str) -> ValidationRun | None:
     """Claim a pending run and execute it. Safe to run twice: only one claim succeeds."""
     now = timezone.now()
-    claimed = ValidationRun.objects.filter(pk=run_id, status=RunStatus.PENDING).update(
-        status=RunStatus.RUNNING, started_at=now, stage="preparing", progress=1, updated_at=now
+    # A run left "running" by a worker that died (no progress for EVALUATION_STALE_AFTER_S) is
+    # claimed again when Celery redelivers its task (acks_late).
+    stale = now - timedelta(seconds=settings.EVALUATION_STALE_AFTER_S)
+    claimed = (
+        ValidationRun.objects.filter(pk=run_id)
+        .filter(Q(status=RunStatus.PENDING) | Q(status=RunStatus.RUNNING, updated_at__lt=stale))
+        .update(
+            status=RunStatus.RUNNING, started_at=now, stage="preparing", progress=1, updated_at=now
+        )
     )
     if claimed != 1:
         return None

@@ -106,6 +106,21 @@ def test_a_running_run_is_not_claimed_again(completed_job, fake_scoring):
     assert fake_scoring.calls == []
 
 
+def test_a_run_abandoned_by_a_dead_worker_is_claimed_again(
+    completed_job, fake_scoring, fake_pdf, settings
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = services.validation_run_create(job=completed_job, user=None, enqueue=False)
+    ValidationRun.objects.filter(pk=run.pk).update(
+        status=RunStatus.RUNNING,
+        updated_at=timezone.now() - timedelta(seconds=settings.EVALUATION_STALE_AFTER_S + 5),
+    )
+    assert services.validation_run_execute(run_id=str(run.pk)).status == RunStatus.COMPLETED
+
+
 def test_only_a_completed_job_with_an_adapter_can_be_validated(completed_job):
     from config.errors import Conflict
 
