@@ -41,6 +41,23 @@
     // A 400 from a form carries its own validation message in the swapped HTML.
     if (isFormValidation(event.detail)) return;
     showError(errorMessage(event.detail.xhr));
+    // A failed poll stops the polling: say so in the card instead of spinning forever.
+    var run = source(event.detail).closest("#playground-run");
+    if (run) {
+      run.setAttribute("aria-busy", "false");
+      var spinner = run.querySelector(".run-progress .spinner");
+      if (spinner) spinner.remove();
+      var stage = run.querySelector(".run-stage");
+      if (stage) stage.textContent = "Updates stopped.";
+      var note = run.querySelector(".run-progress p");
+      if (note) {
+        note.innerHTML = "";
+        var link = document.createElement("a");
+        link.href = window.location.href;
+        link.textContent = "Reload to check on this run";
+        note.appendChild(link);
+      }
+    }
   });
   document.addEventListener("htmx:sendError", function () {
     showError("The server could not be reached. Check your connection and try again.");

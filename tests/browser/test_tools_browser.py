@@ -288,3 +288,41 @@ def test_empty_and_read_only_states(browser, live_server, ada):  # noqa: F811
     # The page answers 400 (Chromium logs that status); no script error besides.
     assert all("400 (Bad Request)" in e for e in _console_errors(browser))
     _shoot(browser, "tools-compare-one-job.png")
+
+
+def test_playground_says_when_the_server_fails(browser, live_server, ada, monkeypatch):  # noqa: F811
+    """A poll that fails with a server error is reported on the page, not swallowed."""
+    import io
+
+    from corpora.services import training_file_create
+    from tests.training.conftest import conversations
+    from tests.training.test_pages import completed_job
+    from training import services
+    from training.models import BaseModel, Preset
+
+    monkeypatch.setattr("training.tasks.run_playground.delay", lambda run_id: None)
+    training_file = training_file_create(
+        name="advisor", upload=io.BytesIO(conversations(6)), user=ada
+    )
+    job = completed_job(
+        training_file,
+        BaseModel.objects.get(name="SmolLM2-135M-Instruct"),
+        Preset.objects.get(key="smoke"),
+        user=ada,
+    )
+    run = services.playground_run_create(job=job, user=ada, prompt="How do I save?")
+    _sign_in(browser, live_server, "ada", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+
+    def broken(run):
+        raise RuntimeError("database went away")
+
+    browser.get(f"{live_server.url}/training/playground/?job={job.pk}&run={run.pk}")
+    _wait(browser).until(ec.presence_of_element_located((By.ID, "playground-run")))
+    monkeypatch.setattr("training.views_tools._decorate_run", broken)
+    alert = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".action-error")))
+    assert "Something went wrong on our side (HTTP 500)" in alert.text
+    card = browser.find_element(By.ID, "playground-run")
+    assert "Updates stopped." in card.text and "Reload to check on this run" in card.text
+    assert card.get_attribute("aria-busy") == "false"
+    _shoot(browser, "tools-playground-server-error.png")
