@@ -320,7 +320,9 @@ def test_playground_says_when_the_server_fails(browser, live_server, ada, monkey
     browser.get(f"{live_server.url}/training/playground/?job={job.pk}&run={run.pk}")
     _wait(browser).until(ec.presence_of_element_located((By.ID, "playground-run")))
     monkeypatch.setattr("training.views_tools._decorate_run", broken)
-    alert = _wait(browser).until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".action-error")))
+    alert = _wait(browser).until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, ".action-error"))
+    )
     assert "Something went wrong on our side (HTTP 500)" in alert.text
     card = browser.find_element(By.ID, "playground-run")
     assert "Updates stopped." in card.text and "Reload to check on this run" in card.text

@@ -7,67 +7,118 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('corpora', '0002_corpora_documents_chunks_exports'),
-        ('training', '0003_smoke_preset_shorter'),
+        ("corpora", "0002_corpora_documents_chunks_exports"),
+        ("training", "0003_smoke_preset_shorter"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='jobtemplate',
-            name='last_used_at',
+            model_name="jobtemplate",
+            name="last_used_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='jobtemplate',
-            name='notes',
+            model_name="jobtemplate",
+            name="notes",
             field=models.TextField(blank=True),
         ),
         migrations.AddField(
-            model_name='jobtemplate',
-            name='source_job',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='training.trainingjob'),
+            model_name="jobtemplate",
+            name="source_job",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="training.trainingjob",
+            ),
         ),
         migrations.AddField(
-            model_name='jobtemplate',
-            name='tags',
+            model_name="jobtemplate",
+            name="tags",
             field=models.JSONField(blank=True, default=list),
         ),
         migrations.AddField(
-            model_name='jobtemplate',
-            name='training_file',
-            field=models.ForeignKey(blank=True, help_text='Start on this file; when empty the user picks one (newest ready preselected)', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='corpora.trainingfile'),
+            model_name="jobtemplate",
+            name="training_file",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="Start on this file; when empty the user picks one (newest ready preselected)",
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="corpora.trainingfile",
+            ),
         ),
         migrations.AddField(
-            model_name='jobtemplate',
-            name='use_count',
-            field=models.PositiveIntegerField(default=0, help_text='Jobs started from it'),
+            model_name="jobtemplate",
+            name="use_count",
+            field=models.PositiveIntegerField(default=0, help_text="Jobs started from it"),
         ),
         migrations.CreateModel(
-            name='PlaygroundRun',
+            name="PlaygroundRun",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('system_prompt', models.TextField(blank=True)),
-                ('prompt', models.TextField()),
-                ('decoding', models.JSONField(default=dict, help_text='Decoding settings used')),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Generating'), ('completed', 'Completed'), ('failed', 'Failed')], db_index=True, default='queued', max_length=16)),
-                ('stage', models.CharField(blank=True, help_text='What it is doing now', max_length=100)),
-                ('base_output', models.TextField(blank=True)),
-                ('adapter_output', models.TextField(blank=True)),
-                ('timings', models.JSONField(blank=True, default=dict, help_text='Seconds per phase')),
-                ('token_counts', models.JSONField(blank=True, default=dict)),
-                ('device', models.CharField(blank=True, max_length=16)),
-                ('error_message', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='playground_runs', to='training.trainingjob')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("system_prompt", models.TextField(blank=True)),
+                ("prompt", models.TextField()),
+                ("decoding", models.JSONField(default=dict, help_text="Decoding settings used")),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Generating"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "stage",
+                    models.CharField(blank=True, help_text="What it is doing now", max_length=100),
+                ),
+                ("base_output", models.TextField(blank=True)),
+                ("adapter_output", models.TextField(blank=True)),
+                (
+                    "timings",
+                    models.JSONField(blank=True, default=dict, help_text="Seconds per phase"),
+                ),
+                ("token_counts", models.JSONField(blank=True, default=dict)),
+                ("device", models.CharField(blank=True, max_length=16)),
+                ("error_message", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="playground_runs",
+                        to="training.trainingjob",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
     ]
