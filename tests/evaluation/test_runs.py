@@ -316,3 +316,40 @@ def test_acceptance_a_trained_job_is_validated_on_cpu_with_a_pdf(
     ):
         assert number in flat, (number, flat[:2000])
     assert str(run.pk) in flat.replace(" ", "") or str(run.pk)[:8] in flat
+
+
+def test_the_judge_can_be_an_openai_compatible_endpoint(
+    completed_job, fake_scoring, fake_pdf, settings
+):
+    """EVALUATION_JUDGE=endpoint: every response is scored through jobs/model_client.py (the
+    real InferenceClient against a loopback server); tokens go to the cost ledger."""
+    import json
+
+    from billing.models import LedgerEntry
+    from evaluation.suites import load_suite
+    from tests.jobs.test_model_client import FakeEndpoint
+
+    endpoint = FakeEndpoint()
+    # One answer with a 4 for every criterion of both rubrics (extra keys are ignored).
+    answer = {
+        d["key"]: 4
+        for suite in ("emotional_intelligence", "brand_voice")
+        for d in load_suite(suite).rubric["dimensions"]
+    }
+    endpoint.default_text = f"Here you go: {json.dumps(answer)}"
+    try:
+        settings.EVALUATION_JUDGE = "endpoint"
+        settings.MODEL_GATEWAY_URL = endpoint.url
+        settings.MODEL_GATEWAY_MODEL = "judge-model"
+        settings.MODEL_GATEWAY_PRICE_PER_1K_TOKENS = 1.0
+        run = services.validation_run_create(job=completed_job, user=None, enqueue=False)
+        run = services.validation_run_execute(run_id=str(run.pk))
+    finally:
+        endpoint.close()
+    assert run.status == RunStatus.COMPLETED, run.error_message
+    scores = JudgeScore.objects.filter(response__run=run)
+    assert scores.count() == 160 and {s.judge for s in scores} == {"judge-model"}
+    assert len(endpoint.requests) == 160
+    assert LedgerEntry.objects.filter(kind=LedgerEntry.Kind.LLM_TOKENS).count() == 160
+    ei = run.metrics["emotional_intelligence"]
+    assert ei["baseline_mean"] == ei["trained_mean"] == 4.0
