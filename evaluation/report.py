@@ -229,7 +229,7 @@ def ei_chart(ei: dict) -> str:
     )
     _bar_labels(ax, b1, "{:.1f}")
     _bar_labels(ax, b2, "{:.1f}")
-    ax.set_xticks(x, [_label(k) for k in keys])
+    ax.set_xticks(x, [_dim_name(per_dim.get(k), k) for k in keys])
     ax.set_ylim(0, 6.2)
     ax.set_yticks([1, 2, 3, 4, 5])
     ax.set_ylabel("Mean rating (1-5)", fontsize=8.5, color=COLORS["text"])
@@ -237,6 +237,10 @@ def ei_chart(ei: dict) -> str:
     _axes_style(ax)
     fig.tight_layout()
     return _svg(fig)
+
+
+def _dim_name(row: Any, key: str) -> str:
+    return row.get("name") or _label(key) if isinstance(row, dict) else _label(key)
 
 
 def _dim_value(row: Any, side: str) -> float:
@@ -249,7 +253,11 @@ def _dim_value(row: Any, side: str) -> float:
 def brand_chart(b: dict, names: dict[str, str]) -> str:
     per = b.get("per_characteristic") or {}
     keys = list(per)[::-1]
-    baseline = (b.get("baseline") or {}).get("per_characteristic") or {}
+    baseline = (b.get("baseline") or {}).get("per_characteristic") or {
+        k: {"mean": v["baseline_mean"]}
+        for k, v in per.items()
+        if v.get("baseline_mean") is not None
+    }
     fig, ax = _figure(7.0, 0.27 * len(keys) + 0.8)
     values = [per[k]["mean"] for k in keys]
     colors = [
@@ -290,7 +298,7 @@ def brand_chart(b: dict, names: dict[str, str]) -> str:
     ax.axvline(target, color=COLORS["pass"], linestyle="--", linewidth=1)
     ax.axvline(b.get("threshold", 3), color=COLORS["fail"], linestyle=":", linewidth=1)
     ax.text(target, len(keys) - 0.3, f" target {target:.2f}", fontsize=7.5, color=COLORS["pass"])
-    ax.set_yticks(y, [names.get(k, _label(k)) for k in keys])
+    ax.set_yticks(y, [per[k].get("name") or names.get(k, _label(k)) for k in keys])
     ax.set_xlim(0, 5.6)
     ax.set_xticks([1, 2, 3, 4, 5])
     ax.set_xlabel("Mean score (1-5)", fontsize=8.5, color=COLORS["text"])
@@ -698,12 +706,13 @@ def report_context(context: dict) -> dict:
     bv = metrics.get("brand_voice") or {}
     names = view["brand_names"] or _default_brand_names()
     brand_rows = [
-        {"name": names.get(k, _label(k)), **v}
+        {**v, "name": v.get("name") or names.get(k, _label(k))}
         for k, v in (bv.get("per_characteristic") or {}).items()
     ]
     flagged = [
         {
             "index": f["index"],
+            "label": f.get("item_id") or f"response {f['index'] + 1}",
             "characteristics": ", ".join(
                 f"{names.get(k, _label(k))} {_f(v, 1)}" for k, v in f["characteristics"].items()
             ),
@@ -724,7 +733,7 @@ def report_context(context: dict) -> dict:
     ei = metrics.get("emotional_intelligence") or {}
     ei_rows = [
         {
-            "name": _label(k),
+            "name": _dim_name(v, k),
             "baseline": _f(_dim_value(v, "baseline"), 2),
             "trained": _f(_dim_value(v, "trained"), 2),
         }
