@@ -5,51 +5,89 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('training', '0004_playground'),
+        ("training", "0004_playground"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='trainingjob',
-            name='launch_retry_at',
+            model_name="trainingjob",
+            name="launch_retry_at",
             field=models.DateTimeField(blank=True, db_index=True, null=True),
         ),
         migrations.AddField(
-            model_name='trainingjob',
-            name='launch_tries',
+            model_name="trainingjob",
+            name="launch_tries",
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='trainingjob',
-            name='launch_waiting_since',
+            model_name="trainingjob",
+            name="launch_waiting_since",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.CreateModel(
-            name='TrainingPod',
+            name="TrainingPod",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('attempt', models.PositiveIntegerField()),
-                ('pod_id', models.CharField(max_length=100, unique=True)),
-                ('name', models.CharField(max_length=200)),
-                ('gpu_type', models.CharField(help_text="The provider's GPU type id", max_length=100)),
-                ('gpu_count', models.PositiveSmallIntegerField(default=1)),
-                ('cloud_type', models.CharField(blank=True, max_length=16)),
-                ('spot', models.BooleanField(default=False)),
-                ('bid_per_gpu', models.DecimalField(blank=True, decimal_places=4, max_digits=8, null=True)),
-                ('cost_per_hour', models.DecimalField(blank=True, decimal_places=4, max_digits=8, null=True)),
-                ('state', models.CharField(choices=[('starting', 'Starting'), ('running', 'Running'), ('exited', 'Exited'), ('gone', 'Gone'), ('terminated', 'Terminated')], default='starting', max_length=16)),
-                ('detail', models.CharField(blank=True, max_length=300)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('last_checked_at', models.DateTimeField(blank=True, null=True)),
-                ('ended_at', models.DateTimeField(blank=True, help_text='Seen exited or gone', null=True)),
-                ('terminated_at', models.DateTimeField(blank=True, null=True)),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='pods', to='training.trainingjob')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("attempt", models.PositiveIntegerField()),
+                ("pod_id", models.CharField(max_length=100, unique=True)),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "gpu_type",
+                    models.CharField(help_text="The provider's GPU type id", max_length=100),
+                ),
+                ("gpu_count", models.PositiveSmallIntegerField(default=1)),
+                ("cloud_type", models.CharField(blank=True, max_length=16)),
+                ("spot", models.BooleanField(default=False)),
+                (
+                    "bid_per_gpu",
+                    models.DecimalField(blank=True, decimal_places=4, max_digits=8, null=True),
+                ),
+                (
+                    "cost_per_hour",
+                    models.DecimalField(blank=True, decimal_places=4, max_digits=8, null=True),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("starting", "Starting"),
+                            ("running", "Running"),
+                            ("exited", "Exited"),
+                            ("gone", "Gone"),
+                            ("terminated", "Terminated"),
+                        ],
+                        default="starting",
+                        max_length=16,
+                    ),
+                ),
+                ("detail", models.CharField(blank=True, max_length=300)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("last_checked_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "ended_at",
+                    models.DateTimeField(blank=True, help_text="Seen exited or gone", null=True),
+                ),
+                ("terminated_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="pods",
+                        to="training.trainingjob",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at', 'id'],
-                'indexes': [models.Index(fields=['terminated_at'], name='training_tr_termina_a141ec_idx')],
+                "ordering": ["created_at", "id"],
+                "indexes": [
+                    models.Index(fields=["terminated_at"], name="training_tr_termina_a141ec_idx")
+                ],
             },
         ),
     ]
