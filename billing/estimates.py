@@ -18,21 +18,24 @@ The model
   throughput and the cost of one checkpoint with its evaluation.
 * **Fit.** On completed jobs of the same base model, GPU type and executor (the same
   preset's when there are at least two; jobs without recoveries), from their measured time in
-  the ``training`` status (JobTransition rows); newer jobs weigh more (x ``RECENCY_DECAY`` per
-  job), errors are relative. With fewer than ``FREE_FIT_JOBS`` jobs the prior's shape is
-  scaled to fit (the machine is faster or slower than the prior, the shape holds); with more,
-  non-negative least squares (scipy.optimize.nnls) on all four coefficients, held near the
-  scaled prior by one pseudo-job per coefficient (``PRIOR_WEIGHT``) so that few, similar jobs
-  cannot drive a coefficient anywhere.
+  the ``training`` and ``finalization`` statuses (JobTransition rows); newer jobs weigh more
+  (x ``RECENCY_DECAY`` per job), errors are relative. The prior's shape scaled to fit (the
+  machine is faster or slower than the prior, the shape holds); with ``FREE_FIT_JOBS`` jobs
+  or more also non-negative least squares (scipy.optimize.nnls) on all the coefficients
+  (held near the scaled prior by a light pseudo-job each, ``PRIOR_WEIGHT``), and the one
+  with the smaller leave-one-out error is used: a few noisy jobs (a busy shared CPU) cannot
+  drive a coefficient anywhere, a consistent history teaches its own shape.
 * **The prior** (no history), per GPU type (``PRIOR``): throughput in tokens/s for a model of
   1B parameters (divided by the model's size in billions), per-step overhead, start and
   checkpoint seconds.
   - ``cpu-local`` is measured on this project's machine: the worker training the Smoke preset
     (SmolLM2-135M, LoRA r=8, 2 packed rows of 512 tokens a step, 2 quiet CPU cores) runs
-    ~7.5 s a step (~127 tokens/s -> 17 tokens/s x 1B), its first step takes ~7 s more, each
-    checkpoint with its evaluation ~10 s; provisioning (interpreter and library imports) ~6 s,
-    preprocessing and model loading ~1 s each, finalization (save, perplexity of the base and
-    the trained model on the validation split) ~23 s.
+    ~7.5 s a step (~127 tokens/s -> 17 tokens/s x 1B); evaluation ~700 tokens/s (-> 94 x 1B);
+    each checkpoint ~2.5 s besides its evaluation of the validation split, finalization
+    (adapter, metrics, perplexity of the base and the trained model: two evaluations) ~6 s
+    besides them; the first step ~2 s more; provisioning (interpreter and library imports)
+    ~6 s, preprocessing and model loading ~1 s each. The ratios of checkpoint, finalization
+    and step times were checked on six more jobs of different sizes on the shared machine.
   - ``h100-pcie-80gb`` and other GPUs: not measured here (no GPU). LoRA training costs ~4 x
     parameters FLOPs a token (no gradient of the frozen weights); at a third of an H100
     PCIe's ~750 dense bf16 TFLOPs/s that is 60,000 tokens/s for a 1B model. Phases from the
@@ -73,11 +76,11 @@ PACK_EFFICIENCY = 0.95
 PRIOR = {
     "cpu-local": {
         "throughput": 17.0,
-        "eval_throughput": 71.0,
+        "eval_throughput": 94.0,
         "step_s": 0.5,
-        "start_s": 7.0,
-        "final_s": 2.0,
-        "checkpoint_s": 0.5,
+        "start_s": 2.0,
+        "final_s": 6.0,
+        "checkpoint_s": 2.5,
     },
 }
 PRIOR_DEFAULT = {
@@ -104,7 +107,7 @@ MAX_SPREAD = 0.6
 HISTORY_LIMIT = 50
 PHASE_HISTORY = 5
 RECENCY_DECAY = 0.8
-FREE_FIT_JOBS = 4
+FREE_FIT_JOBS = 5
 PRIOR_WEIGHT = 0.002
 PHASES = ("provisioning", "preprocessing", "model_loading", "finalization")
 LAUNCH_PHASES = PHASES[:3]  # the rest (training, finalization) is the fitted model's
@@ -315,21 +318,17 @@ def _predict(coefficients, work: Work) -> float:
     return sum(c * x for c, x in zip(coefficients, work.features(), strict=True))
 
 
-def _fit(samples: list[Sample], prior: tuple) -> tuple[float, ...]:
-    """Coefficients of the training time, fitted on ``samples`` (newest first).
-
-    Relative errors, weights RECENCY_DECAY ** age. The prior's shape scaled to fit; with
-    FREE_FIT_JOBS jobs or more, every coefficient free (non-negative) but held near the
-    scaled prior by a pseudo-job of weight PRIOR_WEIGHT each.
-    """
-    weights = [RECENCY_DECAY**i for i in range(len(samples))]
+def _scaled_fit(samples: list[Sample], weights: list[float], prior: tuple) -> tuple:
+    """The prior's shape x the scale that fits ``samples`` best (relative errors)."""
     ratios = [_predict(prior, s.work) / s.training_s for s in samples]
     scale = sum(w * r for w, r in zip(weights, ratios, strict=True)) / sum(
         w * r * r for w, r in zip(weights, ratios, strict=True)
     )
-    scaled = tuple(c * scale for c in prior)
-    if len(samples) < FREE_FIT_JOBS:
-        return scaled
+    return tuple(c * scale for c in prior)
+
+
+def _free_fit(samples: list[Sample], weights: list[float], scaled: tuple) -> tuple:
+    """Every coefficient free (non-negative), held near ``scaled`` by PRIOR_WEIGHT pseudo-jobs."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -349,6 +348,35 @@ def _fit(samples: list[Sample], prior: tuple) -> tuple[float, ...]:
     for u, j in zip(solution, free, strict=True):
         fitted[j] = float(u) * scaled[j]
     return tuple(fitted)
+
+
+def _fit(samples: list[Sample], prior: tuple) -> tuple[tuple, str]:
+    """(coefficients, which fit) of the training time, fitted on ``samples`` (newest first).
+
+    Relative errors, weights RECENCY_DECAY ** age. The prior's shape scaled to fit; with
+    FREE_FIT_JOBS jobs or more, also every coefficient free, and the one of the two with the
+    smaller leave-one-out error wins: few or noisy jobs (a shared CPU) keep the prior's
+    shape, a consistent history of varied sizes teaches its own.
+    """
+    weights = [RECENCY_DECAY**i for i in range(len(samples))]
+    scaled = _scaled_fit(samples, weights, prior)
+    if len(samples) < FREE_FIT_JOBS:
+        return scaled, "prior shape, scaled"
+
+    def free(rest, w):
+        return _free_fit(rest, w, _scaled_fit(rest, w, prior))
+
+    def loo_error(fitter) -> float:
+        total = 0.0
+        for i, sample in enumerate(samples):
+            rest = samples[:i] + samples[i + 1 :]
+            coefficients = fitter(rest, weights[:i] + weights[i + 1 :])
+            total += weights[i] * abs(_predict(coefficients, sample.work) / sample.training_s - 1)
+        return total
+
+    if loo_error(free) < loo_error(lambda rest, w: _scaled_fit(rest, w, prior)):
+        return _free_fit(samples, weights, scaled), "free"
+    return scaled, "prior shape, scaled"
 
 
 # --- The estimate -------------------------------------------------------------------------------
@@ -466,7 +494,7 @@ def estimate(
         phase_prior["model_loading"] = 60 + base_model.size_bytes / PRIOR_DOWNLOAD_BYTES_PER_S
 
     if samples:
-        coefficients = _fit(samples, prior)
+        coefficients, fit = _fit(samples, prior)
         recent = samples[:PHASE_HISTORY]
         launch = {p: statistics.median(s.phases[p] for s in recent) for p in LAUNCH_PHASES}
         errors = [
@@ -480,7 +508,7 @@ def estimate(
             spread = min(MAX_SPREAD, max(MIN_SPREAD, max(errors, default=0) + 0.02))
         basis = "history"
     else:
-        coefficients = prior
+        coefficients, fit = prior, "prior"
         launch = phase_prior
         spread = PRIOR_SPREAD
         basis = "prior"
@@ -535,6 +563,7 @@ def estimate(
         basis=basis,
         history_jobs=len(samples),
         model={
+            "fit": fit,
             "coefficients": c,
             "start_share": start_share,
             "tokens_per_step": work.tokens_per_step,
