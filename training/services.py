@@ -328,6 +328,19 @@ def training_job_launch_retry(*, job_id: str) -> TrainingJob | None:
 
 
 def _start_worker(job: TrainingJob) -> TrainingJob:
+    if job.executor == TrainingJob.Executor.RUNPOD and job.spot and not job.spot_for_next_launch:
+        # Preempted RUNPOD_ON_DEMAND_AFTER_PREEMPTIONS times: on-demand from now on (billing
+        # and the job page follow job.spot).
+        TrainingJob.objects.filter(pk=job.pk).update(spot=False)
+        _on_warning(
+            job,
+            {
+                "code": "switched_to_on_demand",
+                "message": f"Switched to on-demand instances after {job.recovery_count} spot "
+                "interruptions.",
+            },
+        )
+        job.refresh_from_db()
     spec, env = training_job_spec(job=job)
     executor = get_executor(job.executor)
     try:

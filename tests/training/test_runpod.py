@@ -146,6 +146,7 @@ def test_preemptions_relaunch_on_spot_then_on_demand_and_terminate_the_old_pods(
         job.recovery_count == 2 and job.recovery_summary == "Interrupted 2x, resumed successfully"
     )
     assert not sleepers.pods[job.executor_ref].spot  # on-demand after 2 preemptions
+    assert job.spot is False and job.warnings[-1]["code"] == "switched_to_on_demand"
     assert [r.from_step for r in job.recoveries.all()] == [4, 6]
     assert list(TrainingPod.objects.filter(job=job).values_list("spot", flat=True)) == [
         True,
