@@ -19,6 +19,11 @@ from tests.evaluation.core_fixtures import (  # noqa: F401
 )
 from tests.factories import UserFactory
 
+try:  # the real renderer, kept before the fake_pdf fixture replaces it
+    from evaluation.report import render_report_pdf as REAL_RENDER
+except ImportError:  # pragma: no cover - until evaluation/report.py lands
+    REAL_RENDER = None
+
 pytestmark = pytest.mark.django_db
 
 
@@ -163,3 +168,62 @@ def test_the_regenerated_report_carries_the_human_figures(completed_run, analyst
     # The first report keeps the figures it was made with.
     first = Report.objects.get(run=completed_run, version=1)
     assert first.metrics["emotional_intelligence"]["source"] == "judge"
+
+
+def _pdf_text(pdf: bytes, tmp_path) -> str:
+    import subprocess
+
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pdf)
+    out = subprocess.run(
+        ["pdftotext", "-layout", str(path), "-"], check=True, capture_output=True, text=True
+    ).stdout
+    return " ".join(out.split())
+
+
+def test_ratings_entered_on_the_page_change_the_regenerated_pdf(
+    client, completed_run, monkeypatch, tmp_path
+):
+    """End to end: blind ratings through the rating page, "Regenerate" on the dashboard, and
+    the new PDF shows the new EI and brand-voice figures (the first report keeps the old)."""
+    import re
+
+    from django.urls import reverse
+
+    from tests.conftest import fetch_download
+
+    monkeypatch.setattr("evaluation.report.render_report_pdf", REAL_RENDER)
+    analyst = UserFactory(role=Role.ANALYST)
+    client.force_login(analyst)
+    before = completed_run.metrics
+    url = reverse("evaluation:rate", args=[completed_run.pk])
+    for suite, low in (("emotional_intelligence", 1), ("brand_voice", 2)):
+        for _ in range(5):
+            html = client.get(f"{url}?suite={suite}").content.decode()
+            pair = RatingPair.objects.get(rater=analyst, rating__isnull=True)
+            data = {"item": str(pair.pk), "suite": suite}
+            # The rater prefers one side; which one it is, only the server knows.
+            for name in set(re.findall(r'type="radio" name="([ab]__[a-z_]+)"', html)):
+                side = pair.left_side if name.startswith("a__") else pair.right_side
+                data[name] = str(low if side == Side.BASELINE or suite == "brand_voice" else 5)
+            assert client.post(url, data).status_code == 302
+    assert HumanRating.objects.count() == 10
+
+    response = client.post(reverse("evaluation:report_generate", args=[completed_run.pk]))
+    assert response.status_code == 302
+    completed_run.refresh_from_db()
+    ei, bv = completed_run.metrics["emotional_intelligence"], completed_run.metrics["brand_voice"]
+    assert ei["source"] == bv["source"] == "human+judge"
+    assert ei["baseline_mean"] < before["emotional_intelligence"]["baseline_mean"]
+    assert bv["consistency_pct"] < before["brand_voice"]["consistency_pct"]
+    assert len(bv["flagged"]) == 5
+
+    report = completed_run.reports.get(version=2)
+    text = _pdf_text(
+        fetch_download(client.get(reverse("evaluation:report_download", args=[report.pk]))),
+        tmp_path,
+    )
+    assert f"{ei['baseline_mean']:.1f}/5 → {ei['trained_mean']:.1f}/5" in text, text[:3000]
+    assert f"{bv['consistency_pct']:.0f}% consistency" in text
+    old = f"{before['emotional_intelligence']['baseline_mean']:.1f}/5 →"
+    assert old not in text
