@@ -372,3 +372,14 @@ def test_a_launch_that_died_before_storing_its_pod_is_tried_again(
     job.refresh_from_db()
     assert job.executor_ref in sleepers.pods and job.executor_ref != lost
     assert services.runpod_pods_sweep()["terminated"] == [lost]
+
+
+def test_a_spot_pod_with_a_network_volume_runs_in_the_volume_s_data_centre(
+    sleepers, inline_commit, training_file, smollm, smoke, settings
+):
+    settings.RUNPOD_NETWORK_VOLUME_ID = "loopback-volume"
+    job = make_job(training_file, smollm, smoke, spot=True)
+    mutation = next(r["query"] for r in sleepers.requests if "podRentInterruptable" in r["query"])
+    assert 'networkVolumeId: "loopback-volume"' in mutation
+    assert 'dataCenterId: "LB-1"' in mutation and "volumeInGb: 0" in mutation
+    assert job.executor_ref in sleepers.pods

@@ -365,6 +365,18 @@ class RunPodExecutor:
                     spot=True,
                 )
             bid = round(float(minimum) * settings.RUNPOD_SPOT_BID_MULTIPLIER, 4)
+            if common["network_volume_id"] and not common["data_center_id"]:
+                # A pod with a network volume must run in the volume's data centre (create_pod
+                # looks it up the same way for on-demand pods).
+                user = _call(lambda: runpod.get_user(), what="network volumes")
+                common["data_center_id"] = next(
+                    (
+                        v.get("dataCenterId")
+                        for v in user.get("networkVolumes") or []
+                        if v.get("id") == common["network_volume_id"]
+                    ),
+                    None,
+                )
             mutation = _spot_mutation(bid_per_gpu=bid, common=common)
             pod = _call(
                 lambda: run_graphql_query(mutation)["data"]["podRentInterruptable"],
