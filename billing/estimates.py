@@ -30,7 +30,8 @@ The model
   checkpoint seconds.
   - ``cpu-local`` is measured on this project's machine: the worker training the Smoke preset
     (SmolLM2-135M, LoRA r=8, 2 packed rows of 512 tokens a step, 2 quiet CPU cores) runs
-    ~7.5 s a step (~127 tokens/s -> 17 tokens/s x 1B); evaluation ~700 tokens/s (-> 94 x 1B);
+    ~7.5 s a step (~127 tokens/s -> 17 tokens/s x 1B); evaluation ~600 tokens/s (-> 81 x 1B;
+    ~700 quiet, slower than training under contention);
     each checkpoint ~2.5 s besides its evaluation of the validation split, finalization
     (adapter, metrics, perplexity of the base and the trained model: two evaluations) ~6 s
     besides them; the first step ~2 s more; provisioning (interpreter and library imports)
@@ -76,7 +77,7 @@ PACK_EFFICIENCY = 0.95
 PRIOR = {
     "cpu-local": {
         "throughput": 17.0,
-        "eval_throughput": 94.0,
+        "eval_throughput": 81.0,
         "step_s": 0.5,
         "start_s": 2.0,
         "final_s": 6.0,
