@@ -272,11 +272,13 @@ def test_playground_page_validation_and_roles(job, training_file, smollm, smoke,
 
 def _store_tiny_adapter(job) -> None:
     """A LoRA adapter on the offline base (random, untrained weights), saved to storage."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from gpu.model import load_base_model
 
     loaded = load_base_model(job.base_model, "cpu")
+    torch.manual_seed(1234)  # the same random adapter every run (deterministic answers)
     config = LoraConfig(
         r=4,
         lora_alpha=64,
