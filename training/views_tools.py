@@ -12,7 +12,7 @@ import json
 from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.db.models import Count, Exists, OuterRef, Q
+from django.db.models import Count, Exists, F, OuterRef, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -26,6 +26,7 @@ from corpora.models import TrainingFile
 from training import playground as playground_lib
 from training import services
 from training.models import (
+    TERMINAL_STATUSES,
     Artifact,
     JobStatus,
     JobTemplate,
@@ -75,11 +76,12 @@ def _error_text(exc: CrucibleError) -> tuple[str, dict]:
 
 
 def _picker_jobs(selected: list[str]) -> list[TrainingJob]:
-    """Recent finished jobs (completed first) for the selection list, plus any selected."""
+    """Recent finished jobs (completed, failed or cancelled: a diverged run's curve is worth
+    comparing too) for the selection list, plus any selected."""
     jobs = list(
         TrainingJob.objects.for_list()
-        .filter(Q(status=JobStatus.COMPLETED) | Q(pk__in=_valid_uuids(selected)))
-        .order_by("-completed_at", "-created_at")[:PICKER_LIMIT]
+        .filter(Q(status__in=TERMINAL_STATUSES) | Q(pk__in=_valid_uuids(selected)))
+        .order_by(F("completed_at").desc(nulls_last=True), "-created_at")[:PICKER_LIMIT]
     )
     for job in jobs:
         job.picked = str(job.pk) in selected

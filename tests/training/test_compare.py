@@ -10,7 +10,13 @@ import pytest
 
 from config.roles import Role
 from tests.conftest import assert_envelope
-from tests.training.test_pages import add_metrics, completed_job, make_job, signed_in
+from tests.training.test_pages import (
+    add_metrics,
+    completed_job,
+    failed_oom_job,
+    make_job,
+    signed_in,
+)
 from training import services
 from training.models import JobStatus, MetricPoint, TrainingJob
 
@@ -168,9 +174,12 @@ def test_compare_page_states(training_file, smollm, smoke):
     html = client.get("/training/compare/").content.decode()
     assert "Nothing to compare yet" in html
     job = completed_job(training_file, smollm, smoke, name="Only one")
-    # The picker lists completed jobs.
+    # The picker lists finished jobs (a failed run's curve is worth comparing), not live ones.
+    failed = failed_oom_job(training_file, smollm, smoke)
+    running = make_job(training_file, smollm, smoke, name="live", status=JobStatus.TRAINING)
     html = client.get("/training/compare/").content.decode()
     assert f'value="{job.pk}"' in html and "Compare selected" in html
+    assert f'value="{failed.pk}"' in html and f'value="{running.pk}"' not in html
     # One job is a validation error.
     response = client.get(f"/training/compare/?jobs={job.pk}")
     assert response.status_code == 400
