@@ -85,7 +85,11 @@ def test_estimate_range_holds_a_real_local_smoke_job(platform, settings):  # noq
     est = second["estimate"]
     assert est["basis"] == "history" and est["history_jobs"] == 1
     d, c = est["duration_seconds"], est["cost"]
-    figures = f"estimate {d}, actual {second['held']:.1f} s; first job {first}"
+    figures = (
+        f"second job: estimate {d}, actual {second['held']:.1f} s; first job: estimate "
+        f"{first['estimate']['duration_seconds']}, actual {first['held']:.1f} s"
+    )
+    print(figures, "re-estimate:", second["projection"])
     assert d["low"] <= second["held"] <= d["high"], figures
     assert c["low"] <= second["cost"] <= c["high"], (c, second["cost"])
     assert second["cost"] == pytest.approx(second["held"] / 3600, abs=1e-3)
