@@ -650,9 +650,11 @@ def _detail_page(
     _decorate(job, now)
     api = f"/api/v1/training/jobs/{job.pk}"
     artifacts = {a.kind: a for a in job.artifacts.all()}
-    event_types = sorted(
-        WebhookEvent.objects.filter(job=job).values_list("type", flat=True).distinct()
-    )
+    event_types = set(WebhookEvent.objects.filter(job=job).values_list("type", flat=True))
+    if job.is_active or job.status == JobStatus.PENDING:
+        # Types still to come can be picked while it runs (the worker's event table).
+        event_types |= set(services._HANDLERS)
+    event_types = sorted(event_types)
     can_run = request.user.has_perm("core.run_jobs")
     try:
         template_save_url = reverse("training:template_save", args=[job.pk])
