@@ -561,6 +561,11 @@ def _job_or_404(job_id) -> TrainingJob:
     return job
 
 
+def _dataset(job: TrainingJob) -> list[tuple[str, str]]:
+    report = job.dataset_report or {}
+    return [(label, _number(report[k])) for k, label in DATASET_FIELDS if k in report]
+
+
 def _cost(job: TrainingJob) -> dict:
     """Cost so far against the estimate (billing's figures), for the status card."""
     try:
@@ -615,6 +620,7 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
                 context |= {
                     "oob": True,
                     "timeline": _timeline(job, now),
+                    "dataset": _dataset(job),
                     "events": _events(job, event_type),
                     "event_type": event_type,
                 }
@@ -676,11 +682,7 @@ def _detail_page(
         "error": _error(job),
         "results": _results(job),
         "config": _configuration(job),
-        "dataset": [
-            (label, _number(job.dataset_report[k]))
-            for k, label in DATASET_FIELDS
-            if k in (job.dataset_report or {})
-        ],
+        "dataset": _dataset(job),
         "recoveries": list(job.recoveries.all()),
         "retries": list(job.retries.all()),
         "artifacts": artifacts,

@@ -254,6 +254,8 @@
         note.hidden = false;
       }
       s.lastStep = data.last_step || 0;
+      // While it runs the x axis spans the planned steps (known once preprocessing ends).
+      s.config.total_steps = data.active ? data.total_steps || s.config.total_steps : null;
       if (hasData && typeof window.Chart !== "undefined") {
         if (s.chart) s.chart.destroy();
         s.chart = build(s.canvas, s.config, data);

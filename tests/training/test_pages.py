@@ -607,6 +607,7 @@ def test_status_partial_and_refresh_when_finished(jobs):
     for oob in ('id="job-badge" hx-swap-oob="true"', 'id="job-stages" hx-swap-oob="true"'):
         assert oob in html, oob
     assert 'id="event-log" hx-swap-oob="true"' in html
+    assert 'id="job-dataset" hx-swap-oob="true"' in html and "148,220" in html
     assert "Cost so far" in html
     filtered = html_of(client.get(f"{url}&event_type=checkpoint", headers=HTMX))
     assert "No checkpoint events" in filtered or "event-checkpoint" in filtered
