@@ -156,6 +156,10 @@ def mcq_prompt(question: dict) -> str:
     return "\n".join(lines)
 
 
+def mcq_reply(question: dict, index: int) -> str:
+    return question["options"][index]
+
+
 def _padded(models: Models, rows: list[list[int]], side: str):
     import torch
 
@@ -181,10 +185,11 @@ def _mcq_sequences(models: Models, question: dict, index: int) -> list[tuple[lis
     option's own tokens -- the end-of-turn token is not scored)."""
     prompt = mcq_prompt(question)
     out = []
-    for option in question["options"]:
+    for i in range(len(question["options"])):
+        reply = mcq_reply(question, i)
         encoded = models.renderer.encode(
             _conversation(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": option}],
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
                 index,
             )
         )
@@ -196,17 +201,42 @@ def _mcq_sequences(models: Models, question: dict, index: int) -> list[tuple[lis
 
 
 def option_logliks(
-    models: Models, questions: list[dict], *, use_adapter: bool
+    models: Models, questions: list[dict], *, use_adapter: bool, normalization: str = "chars"
 ) -> list[list[float]]:
-    """Per question, the mean log-probability per token of each option as the reply.
+    """Per question, each option's log-likelihood as the reply, normalised by its length.
+
+    ``normalization``: "chars" (default) = summed log-probability / characters of the option,
+    the usual "acc_norm" choice: dividing by tokens instead favours options whose later tokens
+    are near-certain ("Mad|rid"), and the raw sum ("none") favours short options.
 
     The options of a question share the prompt: it is run once and its KV cache is repeated for
     the options (about 4x less compute than scoring four full sequences; the numbers are the
     same up to float rounding, see tests/evaluation/test_scoring.py).
     """
+    sums = _option_sums(models, questions, use_adapter=use_adapter)
+    return [
+        [_normalise(total, n, question, i, normalization) for i, (total, n) in enumerate(row)]
+        for question, row in zip(questions, sums, strict=True)
+    ]
+
+
+def _normalise(total: float, tokens: int, question: dict, index: int, how: str) -> float:
+    if how == "chars":
+        return total / max(len(mcq_reply(question, index)), 1)
+    if how == "tokens":
+        return total / max(tokens, 1)
+    if how == "none":
+        return total
+    raise ValueError(f"unknown normalization {how!r} (chars, tokens or none)")
+
+
+def _option_sums(
+    models: Models, questions: list[dict], *, use_adapter: bool
+) -> list[list[tuple[float, int]]]:
+    """Per question and option: (summed log-probability of the option's tokens, token count)."""
     import torch
 
-    out: list[list[float]] = []
+    out: list[list[tuple[float, int]]] = []
     with adapter(models, use_adapter), torch.inference_mode():
         for qi, question in enumerate(questions):
             sequences = _mcq_sequences(models, question, qi)
@@ -229,20 +259,20 @@ def option_logliks(
             )
             head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
             tail = torch.log_softmax(rest.logits.float(), dim=-1)
-            row_scores = []
-            for row, (tokens, positions) in enumerate(sequences):
+            row = []
+            for r, (tokens, positions) in enumerate(sequences):
                 # token p is predicted by the logits at p - 1
                 values = [
-                    (head if p - 1 < shared else tail[row, p - 1 - shared])[tokens[p]].item()
+                    (head if p - 1 < shared else tail[r, p - 1 - shared])[tokens[p]].item()
                     for p in positions
                 ]
-                row_scores.append(sum(values) / len(values) if values else float("-inf"))
-            out.append(row_scores)
+                row.append((sum(values), len(values)))
+            out.append(row)
     return out
 
 
 def option_logliks_unshared(
-    models: Models, questions: list[dict], *, use_adapter: bool
+    models: Models, questions: list[dict], *, use_adapter: bool, normalization: str = "chars"
 ) -> list[list[float]]:
     """The same scores, each option as one full sequence (reference for the cached version)."""
     import torch
@@ -254,11 +284,18 @@ def option_logliks_unshared(
             ids, mask = _padded(models, [s[0] for s in sequences], "right")
             logits = models.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-            row_scores = []
-            for row, (tokens, positions) in enumerate(sequences):
-                values = [logprobs[row, p - 1, tokens[p]].item() for p in positions]
-                row_scores.append(sum(values) / len(values))
-            out.append(row_scores)
+            out.append(
+                [
+                    _normalise(
+                        sum(logprobs[r, p - 1, tokens[p]].item() for p in positions),
+                        len(positions),
+                        question,
+                        r,
+                        normalization,
+                    )
+                    for r, (tokens, positions) in enumerate(sequences)
+                ]
+            )
     return out
 
 
