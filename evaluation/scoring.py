@@ -9,8 +9,9 @@ log-likelihoods.
 Methods (the report's appendix quotes ``METHODS``):
 - perplexity: ``gpu/perplexity.py`` itself (assistant-turn tokens, non-overlapping windows).
 - multiple choice: each option is scored as the assistant's reply to the question (the question
-  lists the four options); score = mean log-probability per token of the option's text (the
-  end-of-turn token is not counted), so longer options are not penalised for their length.
+  lists the four options); score = summed log-probability of the option's tokens divided by
+  its length in characters (the end-of-turn token is not counted), so neither long options
+  (raw sums) nor options whose later tokens are near-certain (per-token means) are favoured.
 - generation: the chat template with the generation prompt, left-padded batches, greedy decoding
   at temperature 0 (seeded sampling otherwise); ``stopped`` = the model emitted its end-of-turn
   or EOS token within ``max_new_tokens``.
@@ -38,8 +39,9 @@ METHODS = {
     ),
     "knowledge_retention": (
         "each of the four options scored as the assistant's reply to the question (options "
-        "listed in the question); score = mean log-probability per option token (end-of-turn "
-        "excluded); the highest-scoring option is the model's answer; no free-text parsing"
+        "listed in the question); score = summed log-probability of the option's tokens per "
+        "character of the option (end-of-turn excluded); the highest-scoring option is the "
+        "model's answer; no free-text parsing"
     ),
     "generation": (
         "chat template with generation prompt, left-padded batches, greedy decoding at "
