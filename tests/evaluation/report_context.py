@@ -58,8 +58,14 @@ def realistic_context(*, ratings: bool = True, seed: int = 7) -> dict:
             stats.item_means(base_scores), stats.item_means(trained_scores), n_boot=500, seed=1
         )
         ei["source"] = "human+judge"
+        # the shape evaluation/services.py stores
         ei["per_dimension"] = {
-            d: {"baseline_mean": sum(v[0]) / len(v[0]), "trained_mean": sum(v[1]) / len(v[1])}
+            d: {
+                "name": d.capitalize(),
+                "baseline": sum(v[0]) / len(v[0]),
+                "trained": sum(v[1]) / len(v[1]),
+                "n": len(v[0]),
+            }
             for d, v in per_dim.items()
         }
         human = [float(stats.item_means([t])[0]) for t in trained_scores][:40]
@@ -82,7 +88,15 @@ def realistic_context(*, ratings: bool = True, seed: int = 7) -> dict:
             for _ in bv_suite.items
         ]
         bv_scores[4]["optimism"] = 2
-        metrics["brand_voice"] = stats.brand_consistency(bv_scores, n_boot=500, seed=1)
+        brand = stats.brand_consistency(bv_scores, n_boot=500, seed=1)
+        names = {c["key"]: c["name"] for c in bv_suite.rubric["dimensions"]}
+        for key, row in brand["per_characteristic"].items():
+            row["name"] = names[key]
+            row["baseline_mean"] = round(row["mean"] - 0.8, 2)
+        for flag in brand["flagged"]:
+            flag["item_id"] = bv_suite.items[flag["index"]]["id"]
+        brand["baseline"] = {"consistency_pct": 66.0, "mean_score": 3.3, "n_responses": 30}
+        metrics["brand_voice"] = brand
         deltas = [
             stats.item_means([t])[0] - stats.item_means([b])[0]
             for b, t in zip(base_scores, trained_scores, strict=True)

@@ -78,6 +78,9 @@ def test_report_pages_show_the_numbers_of_the_run(rated, tmp_path):
         "Education-first approach",
         *(f"{name} {version}" for name, version in sorted(context["run"]["suites"].items())),
         *(example["id"] for example in context["examples"]),
+        *(flag["item_id"] for flag in bv["flagged"]),
+        f"Warmth {bv['per_characteristic']['warmth']['baseline_mean']:.2f} "
+        f"{bv['per_characteristic']['warmth']['mean']:.2f}",
     ]
     missing = [e for e in expected if e not in text]
     assert not missing, missing
