@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 N_BOOT = 2000
+BOOT_BATCH = 256  # resamples (and BCa jackknife rows) per batch: memory O(256 x units)
 CONFIDENCE = 0.95
 PERPLEXITY_TARGET_PCT = 30.0
 RETENTION_THRESHOLD_PCT = 95.0
@@ -82,6 +83,7 @@ def _bootstrap_ci(
                     n_resamples=n_boot,
                     confidence_level=CONFIDENCE,
                     method=method,
+                    batch=BOOT_BATCH,
                     rng=np.random.default_rng(seed),
                 )
         low, high = result.confidence_interval
