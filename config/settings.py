@@ -343,6 +343,8 @@ EVALUATION_JUDGE = env.str("EVALUATION_JUDGE", default="offline")
 EVALUATION_TASK_TIME_LIMIT = env.int("EVALUATION_TASK_TIME_LIMIT", default=4 * 3600)
 # A running validation without progress for this long was abandoned (its worker died).
 EVALUATION_STALE_AFTER_S = env.int("EVALUATION_STALE_AFTER_S", default=2 * 3600)
+# torch CPU threads for a run (0 = torch's default; 1 is fastest on a busy shared CPU).
+EVALUATION_TORCH_THREADS = env.int("EVALUATION_TORCH_THREADS", default=0)
 # The LLM endpoint of jobs/model_client.py: any OpenAI-compatible base URL; empty with HF_TOKEN
 # set = the Hugging Face router; both empty = the offline model answers.
 MODEL_GATEWAY_URL = env.str("MODEL_GATEWAY_URL", default="")

@@ -193,6 +193,22 @@ def _dimensions(suite) -> list[dict]:
     return list(suite.rubric.get("dimensions", []))
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` for the block (0 = leave as is), then restored."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def validation_run_execute(*, run_id: str) -> ValidationRun | None:
     """Claim a pending run and execute it. Safe to run twice: only one claim succeeds."""
     now = timezone.now()
@@ -263,7 +279,7 @@ def _execute(run: ValidationRun) -> None:
     if not documents:
         raise InvalidInput("The job has no held-out conversations to measure perplexity on.")
     base_dir = _base_model_dir(job.base_model)
-    with _adapter_dir(job) as adapter_dir:
+    with _adapter_dir(job) as adapter_dir, _torch_threads(settings.EVALUATION_TORCH_THREADS):
         _progress(run, "loading_models")
         models = scoring.load_models(base_model_dir=base_dir, adapter_dir=adapter_dir)
         metrics: dict = {}
