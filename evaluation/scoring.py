@@ -247,7 +247,10 @@ def _option_sums(
                 pairs = zip(sequences[0][0][:shared], ids, strict=False)
                 shared = next((i for i, (a, b) in enumerate(pairs) if a != b), shared)
             prefix = torch.tensor([sequences[0][0][:shared]], device=models.device)
-            first = models.model(input_ids=prefix, use_cache=True)
+            # logits only where a scored token is predicted: the last prefix position and the
+            # suffix positions up to the last option token (the lm_head over the whole prompt
+            # was most of the compute)
+            first = models.model(input_ids=prefix, use_cache=True, logits_to_keep=1)
             cache = getattr(first, "cache", None) or first.past_key_values
             cache.batch_repeat_interleave(len(sequences))
             suffixes = [ids[shared:] for ids, _ in sequences]
@@ -256,8 +259,13 @@ def _option_sums(
                 [torch.ones(len(sequences), shared, dtype=mask.dtype, device=mask.device), mask],
                 dim=1,
             )
+            needed = max(max(p) for _, p in sequences) - shared  # suffix logits 0..needed-1
             rest = models.model(
-                input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=True
+                input_ids=ids,
+                attention_mask=full_mask,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=torch.arange(max(needed, 1), device=models.device),
             )
             head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
             tail = torch.log_softmax(rest.logits.float(), dim=-1)
@@ -417,7 +425,9 @@ def judge_offline(models: Models, *, rubric: dict | list, prompt: str, response:
     ]
     ids, mask = _padded(models, rows, "left")
     with adapter(models, False), torch.inference_mode():
-        logits = models.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = models.model(
+            input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1
+        ).logits
     last = logits[:, -1, :].float()[:, digit_ids]
     return {d["key"]: int(last[i].argmax().item()) + 1 for i, d in enumerate(dimensions)}
 
