@@ -257,8 +257,8 @@ def test_acceptance_a_trained_job_is_validated_on_cpu_with_a_pdf(
     settings.RATELIMIT_ENABLE = False
     settings.TRAINING_MODEL_CACHE = str(root / "var" / "models")
     settings.EVALUATION_AUTO_START = True
-    settings.EVALUATION_MAX_NEW_TOKENS = 12
-    settings.EVALUATION_BATCH_SIZE = 25
+    settings.EVALUATION_MAX_NEW_TOKENS = 8
+    settings.EVALUATION_BATCH_SIZE = 40
     settings.EVALUATION_BOOTSTRAP = 300
     # The acceptance asks for responses ready for rating; judging 160 responses with the real
     # offline judge takes minutes on a CPU (it is covered by the scoring and workflow tests).
