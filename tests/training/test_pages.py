@@ -528,8 +528,9 @@ def test_completed_job_page(jobs):
     assert "Perplexity: 24.5 -&gt; 16.8 (31% improvement)" in html
     for section in ("Results", "Loss and learning rate", "Latest metrics", "Stages", "Recoveries"):
         assert f">{section}</h2>" in html, section
-    for section in ("Configuration", "Dataset", "Event log"):
+    for section in ("Configuration", "Dataset", "Event log", "Validation"):
         assert f">{section}</h2>" in html, section
+    assert "Not validated yet." in html  # the validation card, before any run
     # Downloads, for everyone who may read.
     api = f"/api/v1/training/jobs/{job.pk}"
     assert f'href="{api}/download/adapters"' in html
