@@ -66,7 +66,7 @@ beat: install  ## Run the Celery beat scheduler on its own
 	$(VENV)/bin/celery -A config beat --loglevel=INFO
 
 test: install browser  ## Install everything and run the whole suite
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 lint: install  ## ruff, formatting and migrations checks
 	$(VENV)/bin/ruff check .

@@ -50,9 +50,11 @@ The model
 * **Range.** +-spread around the point: the largest relative error of the fitted model on its
   own history plus 2 points (at least 5%), 15% with one job of history, 35% with none.
   The local executor shares its CPU with whatever else runs on the machine (other jobs,
-  tests, editors): a run can be slower than anything in the history, never much faster, so
-  the high end of a local estimate is further stretched by
-  ``BILLING_LOCAL_CONTENTION_ALLOWANCE`` x the point (0.5 by default: half as long again).
+  tests, editors): a run can be slower than a quiet one, so the high end of a local estimate
+  is further stretched by ``BILLING_LOCAL_CONTENTION_ALLOWANCE`` x the point (0.5 by
+  default: half as long again). A history measured under such load overstates the next
+  quiet run by up to the same factor, so a history-based local low end is divided by
+  (1 + allowance); a prior-based one is not (the prior was measured on a quiet machine).
 
 While a job trains, ``reestimate_running`` measures the job's own speed: its measured time
 in training so far against what the model predicted for the steps it has done; that ratio
@@ -532,14 +534,18 @@ def estimate(
         "point": expected * per_interruption,
         "high": max(1, math.ceil(2 * expected)) * per_interruption,
     }
-    # The local executor shares its CPU: a run can be slower than its history, not faster.
+    # The local executor shares its CPU: a run can be slower than a quiet one, so the high end
+    # gets the allowance. A history measured under such load can make the next (quieter) run
+    # faster than its history by the same factor, so a history-based low end is divided by it;
+    # the prior is calibrated on a quiet machine and keeps its low end.
     contention = conf.local_contention_allowance() if executor == "local" else 0.0
+    low_divisor = 1 + contention if basis == "history" else 1.0
 
     def durations(with_spot: bool) -> dict:
         extra_point = recovery["point"] if with_spot else 0.0
         extra_high = recovery["high"] if with_spot else 0.0
         return {
-            "low": base_s * (1 - spread),
+            "low": base_s * (1 - spread) / low_divisor,
             "point": base_s + extra_point,
             "high": base_s * (1 + spread + contention) + extra_high,
         }

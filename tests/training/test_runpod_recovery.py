@@ -9,12 +9,17 @@ preemptions kill real workers and resumes read real checkpoints.
 import io
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import runpod
 
 from config.roles import Role
+from config.storage import (
+    storage_exists,
+    storage_is_s3,
+    storage_listdir,
+    storage_path_from_uri,
+)
 from corpora.services import training_file_create
 from tests.conftest import ApiClient
 from tests.factories import TokenFactory, UserFactory
@@ -107,9 +112,15 @@ def wait_for(server, job_id, predicate, timeout=300, reconcile_every=2.0, poll=0
 
 
 def newest_complete_checkpoint(job: TrainingJob) -> int:
-    """The newest checkpoint on the job's storage with its manifest (written last)."""
-    root = Path(urlparse(job.output_uri).path) / "checkpoints"
-    steps = [int(p.parent.name.split("-")[1]) for p in root.glob("step-*/manifest.json")]
+    """The newest checkpoint in the job's storage (local disk or S3) with its manifest,
+    which the worker writes last."""
+    root = f"{storage_path_from_uri(job.output_uri)}/checkpoints"
+    folders, _ = storage_listdir(root) if storage_exists(root) or storage_is_s3() else ([], [])
+    steps = [
+        int(name.split("-")[1])
+        for name in folders
+        if name.startswith("step-") and storage_exists(f"{root}/{name}/manifest.json")
+    ]
     return max(steps, default=0)
 
 
