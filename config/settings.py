@@ -326,6 +326,11 @@ RUNPOD_LAUNCH_RETRY_WINDOW_S = env.int("RUNPOD_LAUNCH_RETRY_WINDOW_S", default=1
 RUNPOD_POD_NAME_PREFIX = env.str("RUNPOD_POD_NAME_PREFIX", default="crucible")
 HF_TOKEN = env.str("HF_TOKEN", default="")
 
+# --- Playground (training/playground.py) -----------------------------------------------------
+PLAYGROUND_MAX_NEW_TOKENS = env.int("PLAYGROUND_MAX_NEW_TOKENS", default=96)
+PLAYGROUND_MAX_NEW_TOKENS_LIMIT = env.int("PLAYGROUND_MAX_NEW_TOKENS_LIMIT", default=512)
+PLAYGROUND_DEVICE = env.str("PLAYGROUND_DEVICE", default="auto")
+
 # --- Evaluation -------------------------------------------------------------------------------
 # Start a validation run when a training job completes.
 EVALUATION_AUTO_START = env.bool("EVALUATION_AUTO_START", default=True)

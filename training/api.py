@@ -212,6 +212,25 @@ class JobFilters(Schema):
 # --- Helpers -------------------------------------------------------------------------------
 
 
+def base_model_and_preset(name: str, key: str | None) -> tuple[BaseModel, Preset | None]:
+    """The base model and preset a request names, or a 422 naming the unknown field."""
+    base_model = BaseModel.objects.filter(name=name).first()
+    if base_model is None:
+        raise InvalidInput(
+            f"No base model named '{name}'.",
+            details={"fields": [{"field": "base_model", "message": "unknown"}]},
+        )
+    preset = None
+    if key:
+        preset = Preset.objects.filter(key=key).first()
+        if preset is None:
+            raise InvalidInput(
+                f"No preset '{key}'.",
+                details={"fields": [{"field": "preset", "message": "unknown"}]},
+            )
+    return base_model, preset
+
+
 def _job(job_id: UUID, *, detail: bool = False) -> TrainingJob:
     queryset = TrainingJob.objects.for_list()
     if detail:
@@ -280,20 +299,7 @@ def jobs_create(request: HttpRequest, payload: JobIn):
             f"No training file {payload.training_file_id}.",
             details={"fields": [{"field": "training_file_id", "message": "not found"}]},
         )
-    base_model = BaseModel.objects.filter(name=payload.base_model).first()
-    if base_model is None:
-        raise InvalidInput(
-            f"No base model named '{payload.base_model}'.",
-            details={"fields": [{"field": "base_model", "message": "unknown"}]},
-        )
-    preset = None
-    if payload.preset:
-        preset = Preset.objects.filter(key=payload.preset).first()
-        if preset is None:
-            raise InvalidInput(
-                f"No preset '{payload.preset}'.",
-                details={"fields": [{"field": "preset", "message": "unknown"}]},
-            )
+    base_model, preset = base_model_and_preset(payload.base_model, payload.preset)
     if payload.executor != "local":
         raise InvalidInput(
             "Only the local executor is available on this installation.",

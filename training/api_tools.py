@@ -15,8 +15,8 @@ from config.auth import requires
 from config.errors import InvalidInput, NotFound
 from corpora.models import TrainingFile
 from training import services
-from training.api import JobOut
-from training.models import BaseModel, JobTemplate, PlaygroundRun, Preset, TrainingJob
+from training.api import JobOut, base_model_and_preset
+from training.models import JobTemplate, PlaygroundRun, TrainingJob
 
 router = Router(tags=["training tools"])
 
@@ -166,20 +166,7 @@ def templates_list(request: HttpRequest):
     "/training/templates", response={201: TemplateOut, **ERRORS}, auth=requires("run_jobs")
 )
 def templates_create(request: HttpRequest, payload: TemplateIn):
-    base_model = BaseModel.objects.filter(name=payload.base_model).first()
-    if base_model is None:
-        raise InvalidInput(
-            f"No base model named '{payload.base_model}'.",
-            details={"fields": [{"field": "base_model", "message": "unknown"}]},
-        )
-    preset = None
-    if payload.preset:
-        preset = Preset.objects.filter(key=payload.preset).first()
-        if preset is None:
-            raise InvalidInput(
-                f"No preset '{payload.preset}'.",
-                details={"fields": [{"field": "preset", "message": "unknown"}]},
-            )
+    base_model, preset = base_model_and_preset(payload.base_model, payload.preset)
     template = services.job_template_create(
         user=request.auth,
         name=payload.name,
