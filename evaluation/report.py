@@ -601,68 +601,65 @@ def _default_brand_names() -> dict[str, str]:
         return {}
 
 
+def _interval_row(metric: str, d: dict, value, n: str, fmt=_pct, digits: int = 2) -> dict:
+    """One row of the appendix's intervals table: estimate, 95% interval, method, resamples."""
+    return {
+        "metric": metric,
+        "value": fmt(value, digits),
+        "interval": f"{fmt(d.get('ci_low'), digits)} to {fmt(d.get('ci_high'), digits)}",
+        "n": n,
+        "method": d.get("ci_method") or "n/a",
+        "boot": f"{d.get('n_boot')} / seed {d.get('seed')}",
+    }
+
+
 def _interval_rows(metrics: dict) -> list[dict]:
     rows = []
     p = metrics.get("perplexity")
     if p:
         rows.append(
-            {
-                "metric": "Perplexity improvement",
-                "value": _pct(p["improvement_pct"], 2),
-                "interval": f"{_pct(p.get('ci_low'), 2)} to {_pct(p.get('ci_high'), 2)}",
-                "n": f"{p['n_documents']} documents",
-                "method": p.get("ci_method") or "n/a",
-                "boot": f"{p.get('n_boot')} / seed {p.get('seed')}",
-            }
+            _interval_row(
+                "Perplexity improvement", p, p["improvement_pct"], f"{p['n_documents']} documents"
+            )
         )
     r = metrics.get("retention")
     if r:
         rows.append(
-            {
-                "metric": "Knowledge retention",
-                "value": _pct(r.get("retention_pct"), 2),
-                "interval": f"{_pct(r.get('ci_low'), 2)} to {_pct(r.get('ci_high'), 2)}",
-                "n": f"{r['n_questions']} questions",
-                "method": r.get("ci_method") or "n/a",
-                "boot": f"{r.get('n_boot')} / seed {r.get('seed')}",
-            }
+            _interval_row(
+                "Knowledge retention", r, r.get("retention_pct"), f"{r['n_questions']} questions"
+            )
         )
     ei = metrics.get("emotional_intelligence")
     if ei and ei.get("improvement_pct") is not None:
         rows.append(
-            {
-                "metric": "Emotional intelligence improvement",
-                "value": _pct(ei["improvement_pct"], 2),
-                "interval": f"{_pct(ei.get('ci_low'), 2)} to {_pct(ei.get('ci_high'), 2)}",
-                "n": f"{ei['n']} scenarios",
-                "method": ei.get("ci_method") or "n/a",
-                "boot": f"{ei.get('n_boot')} / seed {ei.get('seed')}",
-            }
+            _interval_row(
+                "Emotional intelligence improvement",
+                ei,
+                ei["improvement_pct"],
+                f"{ei['n']} scenarios",
+            )
         )
         agreement = ei.get("agreement")
         if agreement and agreement.get("alpha") is not None:
             rows.append(
-                {
-                    "metric": "Judge-human agreement (Krippendorff's alpha)",
-                    "value": _f(agreement["alpha"], 3),
-                    "interval": f"{_f(agreement.get('ci_low'), 3)} to "
-                    f"{_f(agreement.get('ci_high'), 3)}",
-                    "n": f"{agreement['n_units']} units, {agreement['n_raters']} raters",
-                    "method": agreement.get("ci_method") or "n/a",
-                    "boot": f"{agreement.get('n_boot')} / seed {agreement.get('seed')}",
-                }
+                _interval_row(
+                    "Judge-human agreement (Krippendorff's alpha)",
+                    agreement,
+                    agreement["alpha"],
+                    f"{agreement['n_units']} units, {agreement['n_raters']} raters",
+                    fmt=_f,
+                    digits=3,
+                )
             )
     bv = metrics.get("brand_voice")
     if bv and bv.get("consistency_pct") is not None:
         rows.append(
-            {
-                "metric": "Brand voice consistency",
-                "value": _pct(bv["consistency_pct"], 2),
-                "interval": f"{_pct(bv.get('ci_low'), 2)} to {_pct(bv.get('ci_high'), 2)}",
-                "n": f"{bv['n_responses']} responses",
-                "method": bv.get("ci_method") or "n/a",
-                "boot": f"{bv.get('n_boot')} / seed {bv.get('seed')}",
-            }
+            _interval_row(
+                "Brand voice consistency",
+                bv,
+                bv["consistency_pct"],
+                f"{bv['n_responses']} responses",
+            )
         )
     health = metrics.get("generation_health") or {}
     for side in ("baseline", "trained"):
