@@ -8,177 +8,440 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('training', '0005_runpod_pods'),
+        ("training", "0005_runpod_pods"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Report',
+            name="Report",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('version', models.PositiveIntegerField()),
-                ('storage_path', models.CharField(max_length=500)),
-                ('sha256', models.CharField(max_length=64)),
-                ('size_bytes', models.BigIntegerField(default=0)),
-                ('metrics', models.JSONField(blank=True, default=dict, help_text='The figures it shows')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('download_count', models.PositiveIntegerField(default=0)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("version", models.PositiveIntegerField()),
+                ("storage_path", models.CharField(max_length=500)),
+                ("sha256", models.CharField(max_length=64)),
+                ("size_bytes", models.BigIntegerField(default=0)),
+                (
+                    "metrics",
+                    models.JSONField(blank=True, default=dict, help_text="The figures it shows"),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("download_count", models.PositiveIntegerField(default=0)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-version'],
+                "ordering": ["-version"],
             },
         ),
         migrations.CreateModel(
-            name='ShareLink',
+            name="ShareLink",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('token', models.CharField(default=evaluation.models._share_token, editable=False, max_length=64, unique=True)),
-                ('expires_at', models.DateTimeField(default=evaluation.models._share_expiry)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('download_count', models.PositiveIntegerField(default=0)),
-                ('last_used_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('report', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='share_links', to='evaluation.report')),
-                ('revoked_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "token",
+                    models.CharField(
+                        default=evaluation.models._share_token,
+                        editable=False,
+                        max_length=64,
+                        unique=True,
+                    ),
+                ),
+                ("expires_at", models.DateTimeField(default=evaluation.models._share_expiry)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("download_count", models.PositiveIntegerField(default=0)),
+                ("last_used_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "report",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="share_links",
+                        to="evaluation.report",
+                    ),
+                ),
+                (
+                    "revoked_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='ValidationRun',
+            name="ValidationRun",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed')], db_index=True, default='pending', max_length=16)),
-                ('progress', models.FloatField(default=0.0, help_text='Percent done')),
-                ('stage', models.CharField(blank=True, max_length=64)),
-                ('trigger', models.CharField(choices=[('auto', 'Automatic (job completed)'), ('manual', 'Started by hand')], default='manual', max_length=8)),
-                ('evaluator_version', models.CharField(blank=True, max_length=32)),
-                ('suites', models.JSONField(blank=True, default=dict, help_text='{name: {version, sha256}}')),
-                ('base_model', models.CharField(blank=True, max_length=300)),
-                ('adapter_uri', models.CharField(blank=True, max_length=500)),
-                ('decoding', models.JSONField(blank=True, default=dict)),
-                ('seeds', models.JSONField(blank=True, default=dict)),
-                ('metrics', models.JSONField(blank=True, default=dict, help_text='One entry per part')),
-                ('examples', models.JSONField(blank=True, default=list)),
-                ('error_type', models.CharField(blank=True, max_length=64)),
-                ('error_message', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='validation_runs', to='training.trainingjob')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("running", "Running"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                        ],
+                        db_index=True,
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("progress", models.FloatField(default=0.0, help_text="Percent done")),
+                ("stage", models.CharField(blank=True, max_length=64)),
+                (
+                    "trigger",
+                    models.CharField(
+                        choices=[
+                            ("auto", "Automatic (job completed)"),
+                            ("manual", "Started by hand"),
+                        ],
+                        default="manual",
+                        max_length=8,
+                    ),
+                ),
+                ("evaluator_version", models.CharField(blank=True, max_length=32)),
+                (
+                    "suites",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="{name: {version, sha256}}"
+                    ),
+                ),
+                ("base_model", models.CharField(blank=True, max_length=300)),
+                ("adapter_uri", models.CharField(blank=True, max_length=500)),
+                ("decoding", models.JSONField(blank=True, default=dict)),
+                ("seeds", models.JSONField(blank=True, default=dict)),
+                (
+                    "metrics",
+                    models.JSONField(blank=True, default=dict, help_text="One entry per part"),
+                ),
+                ("examples", models.JSONField(blank=True, default=list)),
+                ("error_type", models.CharField(blank=True, max_length=64)),
+                ("error_message", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="validation_runs",
+                        to="training.trainingjob",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.AddField(
-            model_name='report',
-            name='run',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='reports', to='evaluation.validationrun'),
+            model_name="report",
+            name="run",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="reports",
+                to="evaluation.validationrun",
+            ),
         ),
         migrations.CreateModel(
-            name='RatingPair',
+            name="RatingPair",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('suite', models.CharField(choices=[('emotional_intelligence', 'Emotional intelligence'), ('brand_voice', 'Brand voice')], max_length=32)),
-                ('item_id', models.CharField(max_length=64)),
-                ('left_side', models.CharField(choices=[('baseline', 'Base model'), ('trained', 'Trained adapter')], max_length=16)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('rater', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='rating_pairs', to='evaluation.validationrun')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                (
+                    "suite",
+                    models.CharField(
+                        choices=[
+                            ("emotional_intelligence", "Emotional intelligence"),
+                            ("brand_voice", "Brand voice"),
+                        ],
+                        max_length=32,
+                    ),
+                ),
+                ("item_id", models.CharField(max_length=64)),
+                (
+                    "left_side",
+                    models.CharField(
+                        choices=[("baseline", "Base model"), ("trained", "Trained adapter")],
+                        max_length=16,
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "rater",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="rating_pairs",
+                        to="evaluation.validationrun",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at'],
+                "ordering": ["created_at"],
             },
         ),
         migrations.CreateModel(
-            name='HumanRating',
+            name="HumanRating",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('suite', models.CharField(choices=[('emotional_intelligence', 'Emotional intelligence'), ('brand_voice', 'Brand voice')], max_length=32)),
-                ('item_id', models.CharField(max_length=64)),
-                ('left_scores', models.JSONField()),
-                ('right_scores', models.JSONField()),
-                ('baseline_scores', models.JSONField()),
-                ('trained_scores', models.JSONField()),
-                ('comment', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('rater', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('pair', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='rating', to='evaluation.ratingpair')),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='ratings', to='evaluation.validationrun')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "suite",
+                    models.CharField(
+                        choices=[
+                            ("emotional_intelligence", "Emotional intelligence"),
+                            ("brand_voice", "Brand voice"),
+                        ],
+                        max_length=32,
+                    ),
+                ),
+                ("item_id", models.CharField(max_length=64)),
+                ("left_scores", models.JSONField()),
+                ("right_scores", models.JSONField()),
+                ("baseline_scores", models.JSONField()),
+                ("trained_scores", models.JSONField()),
+                ("comment", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "rater",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "pair",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="rating",
+                        to="evaluation.ratingpair",
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="ratings",
+                        to="evaluation.validationrun",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at'],
+                "ordering": ["created_at"],
             },
         ),
         migrations.CreateModel(
-            name='GeneratedResponse',
+            name="GeneratedResponse",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('suite', models.CharField(choices=[('emotional_intelligence', 'Emotional intelligence'), ('brand_voice', 'Brand voice')], max_length=32)),
-                ('item_id', models.CharField(max_length=64)),
-                ('category', models.CharField(blank=True, max_length=64)),
-                ('side', models.CharField(choices=[('baseline', 'Base model'), ('trained', 'Trained adapter')], max_length=16)),
-                ('prompt', models.TextField()),
-                ('text', models.TextField()),
-                ('stopped', models.BooleanField(help_text='Ended by itself before the token limit')),
-                ('new_tokens', models.PositiveIntegerField(default=0)),
-                ('seconds', models.FloatField(default=0.0)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='responses', to='evaluation.validationrun')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "suite",
+                    models.CharField(
+                        choices=[
+                            ("emotional_intelligence", "Emotional intelligence"),
+                            ("brand_voice", "Brand voice"),
+                        ],
+                        max_length=32,
+                    ),
+                ),
+                ("item_id", models.CharField(max_length=64)),
+                ("category", models.CharField(blank=True, max_length=64)),
+                (
+                    "side",
+                    models.CharField(
+                        choices=[("baseline", "Base model"), ("trained", "Trained adapter")],
+                        max_length=16,
+                    ),
+                ),
+                ("prompt", models.TextField()),
+                ("text", models.TextField()),
+                (
+                    "stopped",
+                    models.BooleanField(help_text="Ended by itself before the token limit"),
+                ),
+                ("new_tokens", models.PositiveIntegerField(default=0)),
+                ("seconds", models.FloatField(default=0.0)),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="responses",
+                        to="evaluation.validationrun",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['suite', 'item_id', 'side'],
+                "ordering": ["suite", "item_id", "side"],
             },
         ),
         migrations.CreateModel(
-            name='Approval',
+            name="Approval",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('decision', models.CharField(choices=[('approved', 'Approved'), ('rejected', 'Rejected')], max_length=16)),
-                ('reason', models.TextField()),
-                ('decided_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('decided_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to='training.trainingjob')),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to='evaluation.validationrun')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "decision",
+                    models.CharField(
+                        choices=[("approved", "Approved"), ("rejected", "Rejected")], max_length=16
+                    ),
+                ),
+                ("reason", models.TextField()),
+                ("decided_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                (
+                    "decided_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to="training.trainingjob",
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to="evaluation.validationrun",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-decided_at', '-id'],
+                "ordering": ["-decided_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='JudgeScore',
+            name="JudgeScore",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('judge', models.CharField(help_text='The judging model', max_length=200)),
-                ('scores', models.JSONField(help_text='{dimension: 1-5}')),
-                ('raw', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('response', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='judge_scores', to='evaluation.generatedresponse')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("judge", models.CharField(help_text="The judging model", max_length=200)),
+                ("scores", models.JSONField(help_text="{dimension: 1-5}")),
+                ("raw", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "response",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="judge_scores",
+                        to="evaluation.generatedresponse",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('response', 'judge'), name='one_score_per_judge')],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("response", "judge"), name="one_score_per_judge"
+                    )
+                ],
             },
         ),
         migrations.AddConstraint(
-            model_name='report',
-            constraint=models.UniqueConstraint(fields=('run', 'version'), name='one_report_per_version'),
+            model_name="report",
+            constraint=models.UniqueConstraint(
+                fields=("run", "version"), name="one_report_per_version"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='ratingpair',
-            constraint=models.UniqueConstraint(fields=('run', 'rater', 'suite', 'item_id'), name='one_pair_per_rater_item'),
+            model_name="ratingpair",
+            constraint=models.UniqueConstraint(
+                fields=("run", "rater", "suite", "item_id"), name="one_pair_per_rater_item"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='generatedresponse',
-            constraint=models.UniqueConstraint(fields=('run', 'suite', 'item_id', 'side'), name='one_response_per_side'),
+            model_name="generatedresponse",
+            constraint=models.UniqueConstraint(
+                fields=("run", "suite", "item_id", "side"), name="one_response_per_side"
+            ),
         ),
     ]
