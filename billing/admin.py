@@ -6,6 +6,8 @@ from billing.models import (
     GpuPrice,
     JobCost,
     LedgerEntry,
+    LlmCall,
+    LlmReservation,
     MonthlyBudget,
     NotificationLog,
     NotificationPreference,
@@ -100,3 +102,38 @@ class NotificationLogAdmin(ReadOnlyAdmin):
 
 
 admin.site.register(NotificationPreference)
+
+
+@admin.register(LlmCall)
+class LlmCallAdmin(admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "model",
+        "feature",
+        "user",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+        "latency_ms",
+        "attempts",
+        "cached",
+        "outcome",
+    )
+    list_filter = ("feature", "cached", "provider", "outcome")
+    search_fields = ("model", "request_id", "attribution")
+    date_hierarchy = "created_at"
+    list_select_related = ("user",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(LlmReservation)
+class LlmReservationAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "model", "feature", "amount", "expires_at", "request_id")
+
+    def has_add_permission(self, request):
+        return False

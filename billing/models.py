@@ -238,3 +238,69 @@ class NotificationLog(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+
+
+class LlmCall(models.Model):
+    """One model-gateway call (cached and failed calls too): the LLM side of the ledger.
+
+    Month spend = GPU ledger entries + the cost of these rows.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    feature = models.CharField(
+        max_length=32, db_index=True, help_text="judge, playground, batch..."
+    )
+    content_type = models.ForeignKey(
+        ContentType, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    object_id = models.CharField(max_length=64, blank=True, db_index=True)
+    subject = GenericForeignKey("content_type", "object_id")
+    attribution = models.CharField(max_length=120, blank=True)
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=270, db_index=True, help_text="RegisteredModel key")
+    operation = models.CharField(max_length=16, default="chat", help_text="chat or embeddings")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, default=0, help_text="Dollars")
+    latency_ms = models.FloatField(default=0)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    cached = models.BooleanField(default=False)
+    outcome = models.CharField(max_length=64, default="ok", help_text='"ok" or "error:<code>"')
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    day = models.DateField()
+    month = models.DateField(help_text="First day of its month")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["month", "model"]),
+            models.Index(fields=["month", "feature"]),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(cost__gte=0), name="llm_cost_not_negative")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.outcome} ${self.cost}"
+
+
+class LlmReservation(models.Model):
+    """The worst-case cost of an LLM call in flight, held against the month's budget until
+    the call settles; a reservation past ``expires_at`` (a crashed process) no longer counts."""
+
+    month = models.DateField(db_index=True)
+    amount = models.DecimalField(max_digits=14, decimal_places=8)
+    model = models.CharField(max_length=270)
+    feature = models.CharField(max_length=32, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.model} ${self.amount} (until {self.expires_at:%H:%M:%S})"

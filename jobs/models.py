@@ -1,1 +1,213 @@
-from django.db import models  # noqa: F401
+"""The model gateway's registry: providers (with their encrypted API keys), the models they
+serve, and the gateway's settings. The ledger of calls lives in billing (LlmCall)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Provider(models.Model):
+    """An LLM endpoint: any OpenAI-compatible API, or the offline model on this machine."""
+
+    class Kind(models.TextChoices):
+        OPENAI = "openai", "OpenAI-compatible endpoint"
+        OFFLINE = "offline", "Offline model (this machine)"
+
+    slug = models.SlugField(max_length=64, unique=True, help_text='e.g. "hf-router", "openai"')
+    name = models.CharField(max_length=120)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.OPENAI)
+    base_url = models.URLField(max_length=300, blank=True, help_text="Blank for the offline kind")
+    api_key_encrypted = models.TextField(blank=True, help_text="Fernet token; never shown back")
+    api_key_last4 = models.CharField(max_length=4, blank=True)
+    enabled = models.BooleanField(default=True)
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Blank: unlimited"
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Blank: unlimited"
+    )
+    timeout_s = models.FloatField(null=True, blank=True, help_text="Blank: the gateway default")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.name or self.slug
+
+    @property
+    def env_key_name(self) -> str:
+        return "GATEWAY_" + re.sub(r"[^A-Z0-9]", "_", self.slug.upper()) + "_API_KEY"
+
+    def set_api_key(self, raw: str) -> None:
+        """Store ``raw`` encrypted (blank clears it); the caller saves."""
+        from jobs.gateway.secrets import encrypt
+
+        raw = (raw or "").strip()
+        self.api_key_encrypted = encrypt(raw) if raw else ""
+        self.api_key_last4 = raw[-4:] if raw else ""
+
+    def api_key(self) -> str:
+        """The key to send: the environment wins (GATEWAY_<SLUG>_API_KEY; HF_TOKEN for the
+        Hugging Face router), else the stored one decrypted."""
+        from_env = os.environ.get(self.env_key_name, "")
+        if not from_env and self.slug == "hf-router":
+            from_env = os.environ.get("HF_TOKEN", "") or getattr(settings, "HF_TOKEN", "")
+        if from_env:
+            return from_env
+        if not self.api_key_encrypted:
+            return ""
+        from jobs.gateway.secrets import decrypt
+
+        return decrypt(self.api_key_encrypted)
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted) or bool(os.environ.get(self.env_key_name))
+
+
+class RegisteredModelQuerySet(models.QuerySet):
+    def enabled(self):
+        return self.filter(enabled=True, provider__enabled=True)
+
+    def with_capability(self, capability: str):
+        # JSON "contains" on a list is not supported by SQLite; the capability names are
+        # distinct words, so a text match on the JSON is exact enough and portable.
+        return self.filter(capabilities__icontains=f'"{capability}"')
+
+
+class RegisteredModel(models.Model):
+    """A model a provider serves, with its prices (per million tokens)."""
+
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="models")
+    remote_id = models.CharField(max_length=200, help_text="The provider's model id")
+    key = models.CharField(max_length=270, unique=True, help_text='"<provider slug>/<remote id>"')
+    display_name = models.CharField(max_length=200, blank=True)
+    context_length = models.PositiveIntegerField(null=True, blank=True)
+    price_input_per_m = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True, help_text="$ per 1M input tokens"
+    )
+    price_output_per_m = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True, help_text="$ per 1M output tokens"
+    )
+    price_source = models.CharField(
+        max_length=120, blank=True, help_text='"table:<package>", "admin" or "local"'
+    )
+    capabilities = models.JSONField(default=list, help_text='["chat"], ["embeddings"]')
+    parent = models.CharField(max_length=270, blank=True, help_text="Base model key, for adapters")
+    revision = models.CharField(
+        max_length=128, blank=True, help_text="Adapter checksum; part of the cache key"
+    )
+    adapter_uri = models.CharField(
+        max_length=500, blank=True, help_text="Storage path of a LoRA adapter served offline"
+    )
+    enabled = models.BooleanField(default=True)
+    allow_unpriced = models.BooleanField(
+        default=False, help_text="An admin's explicit choice to allow a model without a price"
+    )
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Blank: the provider's"
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Blank: the provider's"
+    )
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = RegisteredModelQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["key"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "remote_id"], name="one_model_per_remote_id"
+            ),
+            models.CheckConstraint(
+                condition=(Q(price_input_per_m__gte=0) | Q(price_input_per_m__isnull=True))
+                & (Q(price_output_per_m__gte=0) | Q(price_output_per_m__isnull=True)),
+                name="model_price_not_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+    def save(self, *args, **kwargs):
+        if not self.key and self.provider_id:
+            self.key = f"{self.provider.slug}/{self.remote_id}"
+        super().save(*args, **kwargs)
+
+    @property
+    def is_priced(self) -> bool:
+        return self.price_input_per_m is not None and self.price_output_per_m is not None
+
+    def has_capability(self, capability: str) -> bool:
+        return capability in (self.capabilities or [])
+
+
+class GatewaySettings(models.Model):
+    """The gateway's tunables, edited on the settings page; environment variables win."""
+
+    default_runs = models.PositiveSmallIntegerField(default=5)
+    retry_attempts = models.PositiveSmallIntegerField(default=4)
+    backoff_base_s = models.FloatField(default=0.5)
+    backoff_cap_s = models.FloatField(default=20.0)
+    timeout_s = models.FloatField(default=60.0, help_text="Per request")
+    deadline_s = models.FloatField(default=300.0, help_text="Overall, retries included")
+    cache_ttl_s = models.PositiveIntegerField(default=86400)
+    breaker_failure_threshold = models.PositiveSmallIntegerField(default=5)
+    breaker_reset_s = models.FloatField(default=30.0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    FIELDS = (
+        "default_runs",
+        "retry_attempts",
+        "backoff_base_s",
+        "backoff_cap_s",
+        "timeout_s",
+        "deadline_s",
+        "cache_ttl_s",
+        "breaker_failure_threshold",
+        "breaker_reset_s",
+    )
+
+    class Meta:
+        verbose_name = "gateway settings"
+        verbose_name_plural = "gateway settings"
+
+    def __str__(self) -> str:
+        return "Gateway settings"
+
+    def save(self, *args, **kwargs):
+        self.pk = 1
+        self.updated_at = timezone.now()
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def load(cls) -> GatewaySettings:
+        obj, _ = cls.objects.get_or_create(pk=1)
+        return obj
+
+    def effective(self) -> dict:
+        """Each setting with the environment's value winning (GATEWAY_RETRY_ATTEMPTS, ...)."""
+        out = {}
+        for name in self.FIELDS:
+            value = getattr(self, name)
+            raw = os.environ.get(f"GATEWAY_{name.upper()}")
+            if raw not in (None, ""):
+                with contextlib.suppress(ValueError):
+                    value = type(value)(float(raw)) if isinstance(value, int) else float(raw)
+            out[name] = value
+        return out
+
+    def overridden_by_env(self) -> list[str]:
+        return [n for n in self.FIELDS if os.environ.get(f"GATEWAY_{n.upper()}") not in (None, "")]
