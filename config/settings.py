@@ -15,6 +15,7 @@ from pathlib import Path
 import botocore.config
 import environ
 from celery.schedules import crontab
+from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -183,7 +184,9 @@ STORAGES = {
 }
 
 # --- Celery -----------------------------------------------------------------------------------
-BROKER_DIR = DATA_DIR / "broker"
+# The filesystem broker's folders (embedded default); a test or a second installation on the
+# same machine can point its workers at another folder.
+BROKER_DIR = Path(env.str("CELERY_BROKER_DIR", default=str(DATA_DIR / "broker")))
 if REDIS_URL:
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3 * 3600}
@@ -211,7 +214,31 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TASK_TRACK_STARTED = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Tasks orchestrate; long GPU work runs in executors, so a task past 10 minutes is stuck.
+# Two queues, so that short work never waits behind long work. "control" (reconcile, webhooks,
+# launches, heartbeats, notifications, prices, costs, cleanup) is the default; "long" takes
+# validation runs, exports and playground runs, each with its own time limit. Run them as
+# separate workers: `celery -A config worker -Q control -c 2 -n control@%h` and
+# `celery -A config worker -Q long -c 1 -n long@%h` (README, "Workers and queues").
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_QUEUES = (
+    Queue("control", Exchange("control"), routing_key="control"),
+    Queue("long", Exchange("long"), routing_key="long"),
+)
+CELERY_TASK_ROUTES = {
+    "evaluation.tasks.execute_validation_run": {"queue": "long"},
+    "corpora.tasks.export_run": {"queue": "long"},
+    "training.tasks.run_playground": {"queue": "long"},
+}
+# A long task that holds a status row writes a heartbeat while it works (at least every
+# LONG_TASK_HEARTBEAT_S); a running row whose heartbeat is older than LONG_TASK_STALE_AFTER_S
+# belongs to a worker that died (restart, deploy, SIGKILL) and the beat reconcile restarts it.
+LONG_TASK_HEARTBEAT_S = env.int("LONG_TASK_HEARTBEAT_S", default=30)
+LONG_TASK_STALE_AFTER_S = env.int("LONG_TASK_STALE_AFTER_S", default=300)
+# A long task restarted this many times without finishing is failed instead (it may be what
+# kills its worker, e.g. out of memory).
+LONG_TASK_MAX_ATTEMPTS = env.int("LONG_TASK_MAX_ATTEMPTS", default=3)
+# Control tasks orchestrate; long GPU work runs in executors, so a control task past 10 minutes
+# is stuck. Long tasks set their own, larger limits.
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=540)
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=600)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
@@ -221,6 +248,7 @@ CELERY_BEAT_SCHEDULE = {
     "worker-heartbeat": {"task": "config.tasks.worker_heartbeat", "schedule": 60.0},
     "reconcile-training-jobs": {"task": "training.tasks.reconcile_training_jobs", "schedule": 20.0},
     "sweep-runpod-pods": {"task": "training.tasks.sweep_runpod_pods", "schedule": 300.0},
+    "reconcile-long-tasks": {"task": "config.tasks.reconcile_long_tasks", "schedule": 60.0},
     "refresh-gpu-prices": {
         "task": "billing.tasks.refresh_gpu_prices",
         "schedule": crontab(minute=0),
@@ -279,8 +307,11 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="Crucible <crucible@l
 SLACK_WEBHOOK_URL = env.str("SLACK_WEBHOOK_URL", default="")
 
 # --- Training ---------------------------------------------------------------------------------
-# Where workers send their webhooks: this platform's address as the workers see it.
-CRUCIBLE_PUBLIC_URL = env.str("CRUCIBLE_PUBLIC_URL", default="http://127.0.0.1:8000")
+# This platform's address as workers and people see it: the base of the workers' webhooks and
+# of every link in emails and hints. Empty (the default): derived from the address the web
+# server answers on (config/addresses.py), which suits local workers. Required, and public,
+# for RunPod workers.
+CRUCIBLE_PUBLIC_URL = env.str("CRUCIBLE_PUBLIC_URL", default="")
 TRAINING_HEARTBEAT_TIMEOUT_S = env.int("TRAINING_HEARTBEAT_TIMEOUT_S", default=300)
 TRAINING_MAX_RECOVERIES = env.int("TRAINING_MAX_RECOVERIES", default=3)
 TRAINING_CANCEL_GRACE_S = env.int("TRAINING_CANCEL_GRACE_S", default=120)
@@ -346,8 +377,6 @@ EVALUATION_BOOTSTRAP = env.int("EVALUATION_BOOTSTRAP", default=2000)
 EVALUATION_JUDGE = env.str("EVALUATION_JUDGE", default="offline")
 # A validation run is one long task (model loads, generation, scoring).
 EVALUATION_TASK_TIME_LIMIT = env.int("EVALUATION_TASK_TIME_LIMIT", default=4 * 3600)
-# A running validation without progress for this long was abandoned (its worker died).
-EVALUATION_STALE_AFTER_S = env.int("EVALUATION_STALE_AFTER_S", default=2 * 3600)
 # torch CPU threads for a run (0 = torch's default; 1 is fastest on a busy shared CPU).
 EVALUATION_TORCH_THREADS = env.int("EVALUATION_TORCH_THREADS", default=0)
 # The LLM endpoint of jobs/model_client.py: any OpenAI-compatible base URL; empty with HF_TOKEN

@@ -18,3 +18,12 @@ def worker_heartbeat() -> None:
 def last_worker_heartbeat():
     value = cache.get(WORKER_HEARTBEAT_KEY)
     return timezone.datetime.fromisoformat(value) if value else None
+
+
+@shared_task(name="config.tasks.reconcile_long_tasks", ignore_result=True)
+def reconcile_long_tasks() -> dict:
+    """Beat sends it every minute (control queue): long tasks whose worker died are restarted
+    (the steps are registered by the apps' tasks modules, see config/longtasks.py)."""
+    from config.longtasks import reconcile_all
+
+    return reconcile_all()

@@ -10,12 +10,15 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from config.longtasks import LongTaskFields
+
 
 class RunStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
 
 
 class Side(models.TextChoices):
@@ -36,7 +39,7 @@ class ValidationRunQuerySet(models.QuerySet):
         return self.filter(status__in=(RunStatus.PENDING, RunStatus.RUNNING))
 
 
-class ValidationRun(models.Model):
+class ValidationRun(LongTaskFields):
     class Trigger(models.TextChoices):
         AUTO = "auto", "Automatic (job completed)"
         MANUAL = "manual", "Started by hand"
@@ -50,6 +53,11 @@ class ValidationRun(models.Model):
     )
     progress = models.FloatField(default=0.0, help_text="Percent done")
     stage = models.CharField(max_length=64, blank=True)
+    stage_detail = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text='Where in the stage, e.g. "Retention: 37/100 questions"',
+    )
     trigger = models.CharField(max_length=8, choices=Trigger.choices, default=Trigger.MANUAL)
 
     # What was measured with what: kept with the run so old reports keep their versions.
@@ -72,6 +80,9 @@ class ValidationRun(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    cancelled_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     objects = ValidationRunQuerySet.as_manager()
 

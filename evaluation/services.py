@@ -16,15 +16,16 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db.models import F, Max, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from config import longtasks
 from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from config.storage import storage_listdir, storage_open, storage_read, storage_save, storage_uri
 from evaluation.models import (
@@ -60,6 +61,10 @@ STAGES = {
     "aggregating": 90,
     "report": 95,
 }
+
+
+# A run in one of these can still be cancelled.
+RUNNABLE = (RunStatus.PENDING, RunStatus.RUNNING)
 
 
 # --- Start ---------------------------------------------------------------------------------
@@ -128,14 +133,43 @@ def validation_on_job_completed(*, job: TrainingJob) -> ValidationRun | None:
 # --- Execute -------------------------------------------------------------------------------
 
 
-def _progress(run: ValidationRun, stage: str, progress: float | None = None, **fields) -> None:
+def _progress(
+    run: ValidationRun,
+    stage: str,
+    progress: float | None = None,
+    *,
+    detail: str = "",
+    **fields,
+) -> None:
+    """A stage boundary: always written (and a cancel or a lost claim noticed, see _beat)."""
     value = STAGES.get(stage, 0) if progress is None else progress
-    ValidationRun.objects.filter(pk=run.pk).update(
-        stage=stage, progress=round(value, 1), updated_at=timezone.now(), **fields
-    )
-    run.stage, run.progress = stage, value
+    _beat(run).write(stage=stage, progress=round(value, 1), stage_detail=detail[:200], **fields)
+    run.stage, run.progress, run.stage_detail = stage, value, detail
     for key, item in fields.items():
         setattr(run, key, item)
+
+
+def _item_progress(
+    run: ValidationRun, stage: str, done: int, total: int, detail: str, *, end: str
+) -> None:
+    """Progress inside a stage, after each item: ``done`` of ``total`` moves the bar from the
+    stage's start to the start of ``end``. Written at most every PROGRESS_INTERVAL_S seconds,
+    which is also when a cancel is noticed."""
+    start, stop = STAGES[stage], STAGES[end]
+    value = start + (stop - start) * done / max(total, 1)
+    if _beat(run).tick(stage=stage, progress=round(value, 1), stage_detail=detail[:200]):
+        run.stage, run.progress, run.stage_detail = stage, value, detail
+
+
+def _beat(run: ValidationRun) -> longtasks.Heartbeat:
+    """Writes on the run, conditional on it still being running and claimed by this worker:
+    one that finds the run cancelled or claimed by another worker raises longtasks.Stopped."""
+    beat = getattr(run, "_heartbeat", None)
+    if beat is None:
+        beat = run._heartbeat = longtasks.Heartbeat(
+            ValidationRun, run.pk, claim=run.claimed_by, running=RunStatus.RUNNING
+        )
+    return beat
 
 
 def _base_model_dir(base: BaseModel) -> str:
@@ -210,16 +244,31 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def validation_run_execute(*, run_id: str) -> ValidationRun | None:
-    """Claim a pending run and execute it. Safe to run twice: only one claim succeeds."""
+    """Claim a pending run and execute it. Safe to run twice: only one claim succeeds.
+
+    A run left "running" by a worker that died (no heartbeat for LONG_TASK_STALE_AFTER_S) is
+    claimed again too, when Celery redelivers its task or the beat reconcile re-enqueues it;
+    the new attempt resumes from what the old one stored. A run that is cancelled or claimed
+    by another worker meanwhile stops at its next progress write and is left as it is.
+    """
     now = timezone.now()
-    # A run left "running" by a worker that died (no progress for EVALUATION_STALE_AFTER_S) is
-    # claimed again when Celery redelivers its task (acks_late).
-    stale = now - timedelta(seconds=settings.EVALUATION_STALE_AFTER_S)
+    claim = longtasks.worker_claim()
     claimed = (
         ValidationRun.objects.filter(pk=run_id)
-        .filter(Q(status=RunStatus.PENDING) | Q(status=RunStatus.RUNNING, updated_at__lt=stale))
+        .filter(
+            Q(status=RunStatus.PENDING)
+            | (Q(status=RunStatus.RUNNING) & longtasks.stale_q(longtasks.stale_cutoff(now)))
+        )
         .update(
-            status=RunStatus.RUNNING, started_at=now, stage="preparing", progress=1, updated_at=now
+            status=RunStatus.RUNNING,
+            started_at=Coalesce(F("started_at"), Value(now)),
+            stage="preparing",
+            stage_detail="",
+            progress=1,
+            updated_at=now,
+            heartbeat_at=now,
+            claimed_by=claim,
+            attempts=F("attempts") + 1,
         )
     )
     if claimed != 1:
@@ -229,14 +278,15 @@ def validation_run_execute(*, run_id: str) -> ValidationRun | None:
     )
     try:
         _execute(run)
+    except longtasks.Stopped:
+        logger.info("validation run %s stopped: cancelled or claimed by another worker", run.pk)
     except Exception as exc:
         logger.exception("validation run %s failed", run.pk)
-        ValidationRun.objects.filter(pk=run.pk).update(
+        _beat(run).finish(
             status=RunStatus.FAILED,
             error_type=type(exc).__name__,
             error_message=(getattr(exc, "message", None) or str(exc) or repr(exc))[:5000],
             completed_at=timezone.now(),
-            updated_at=timezone.now(),
         )
     finally:
         gc.collect()
@@ -244,8 +294,61 @@ def validation_run_execute(*, run_id: str) -> ValidationRun | None:
     return run
 
 
+def validation_run_cancel(*, run: ValidationRun, user: AbstractUser | None) -> ValidationRun:
+    """Cancel a pending or running run. A pending one never starts; a running one stops at its
+    next progress write (within a few seconds, between two items). What it stored stays."""
+    now = timezone.now()
+    cancelled = ValidationRun.objects.filter(pk=run.pk, status__in=RUNNABLE).update(
+        status=RunStatus.CANCELLED,
+        stage_detail="Cancelled" + (f" by {user}" if user else ""),
+        cancelled_by=user,
+        completed_at=now,
+        updated_at=now,
+    )
+    run.refresh_from_db()
+    if not cancelled:
+        raise Conflict(
+            f"Only a pending or running validation can be cancelled "
+            f"(this one is {run.get_status_display().lower()}).",
+            details={"status": run.status},
+        )
+    logger.info("validation run %s cancelled by %s", run.pk, user)
+    return run
+
+
+def validation_runs_recover() -> dict:
+    """Beat reconcile: runs whose worker died (no heartbeat for LONG_TASK_STALE_AFTER_S) go
+    back to pending and are enqueued again; a run that has already been started
+    LONG_TASK_MAX_ATTEMPTS times fails with the reason instead."""
+    from evaluation.tasks import execute_validation_run
+
+    def failed(attempts: int) -> dict:
+        return {
+            "error_type": "WorkerLost",
+            "error_message": (
+                f"The worker running this validation stopped {attempts} times without finishing "
+                "it (a restart, a deploy, or out of memory). Validate again once the cause is "
+                "fixed."
+            ),
+            "completed_at": timezone.now(),
+        }
+
+    return longtasks.reclaim_stale(
+        ValidationRun,
+        running=RunStatus.RUNNING,
+        pending=RunStatus.PENDING,
+        failed=RunStatus.FAILED,
+        enqueue=lambda pk: execute_validation_run.delay(pk),
+        failed_fields=failed,
+    )
+
+
+def _suite_versions(suites: dict) -> dict:
+    return {n: {"version": s.version, "sha256": s.sha256} for n, s in suites.items()}
+
+
 def _execute(run: ValidationRun) -> None:
-    from evaluation import scoring, stats
+    from evaluation import scoring
     from evaluation.suites import all_suites, conversation_for
 
     job = run.job
@@ -262,18 +365,29 @@ def _execute(run: ValidationRun) -> None:
         "judge": settings.EVALUATION_JUDGE,
     }
     seeds = {"split": hp["seed"], "generation": seed, "bootstrap": seed, "examples": seed}
+    # A run started again after its worker died resumes from what it stored, provided it
+    # measures with the same suites, decoding and seeds; otherwise it starts clean.
+    resume = (
+        run.attempts > 1
+        and run.suites == _suite_versions(suites)
+        and run.seeds == seeds
+        and all((run.decoding or {}).get(k) == v for k, v in decoding.items())
+    )
+    metrics: dict = dict(run.metrics or {}) if resume else {}
     _progress(
         run,
         "preparing",
-        suites={n: {"version": s.version, "sha256": s.sha256} for n, s in suites.items()},
-        decoding=decoding,
+        detail="Resuming where the previous worker stopped" if resume else "",
+        suites=_suite_versions(suites),
+        decoding={**(run.decoding or {}), **decoding} if resume else decoding,
         seeds=seeds,
-        metrics={},
+        metrics=metrics,
         examples=[],
         error_type="",
         error_message="",
     )
-    GeneratedResponse.objects.filter(run=run).delete()  # a re-executed run starts clean
+    if not resume:
+        GeneratedResponse.objects.filter(run=run).delete()  # a re-executed run starts clean
 
     documents = held_out_documents(job=job)
     if not documents:
@@ -282,57 +396,16 @@ def _execute(run: ValidationRun) -> None:
     with _adapter_dir(job) as adapter_dir, _torch_threads(settings.EVALUATION_TORCH_THREADS):
         _progress(run, "loading_models")
         models = scoring.load_models(base_model_dir=base_dir, adapter_dir=adapter_dir)
-        metrics: dict = {}
 
-        # Perplexity on the held-out split, paired bootstrap over documents.
-        _progress(run, "perplexity")
-        base_nll = scoring.document_nll(
-            models, documents, use_adapter=False, max_length=hp["max_seq_length"]
-        )
-        trained_nll = scoring.document_nll(
-            models, documents, use_adapter=True, max_length=hp["max_seq_length"]
-        )
-        # Documents without a scored token (nothing after truncation) carry no information.
-        scored = [(b, t) for b, t in zip(base_nll, trained_nll, strict=True) if b.tokens]
-        base_nll, trained_nll = [b for b, _ in scored], [t for _, t in scored]
-        ppl = stats.perplexity_improvement(base_nll, trained_nll, n_boot=n_boot, seed=seed)
-        ppl["display"] = stats.display_line(
-            "Perplexity", ppl["baseline"], ppl["trained"], higher_is_better=False
-        )
-        ppl["documents"] = [
-            {"baseline": [b.nll_sum, b.tokens], "trained": [t.nll_sum, t.tokens]}
-            for b, t in zip(base_nll, trained_nll, strict=True)
-        ]
-        metrics["perplexity"] = ppl
+        if "perplexity" not in metrics:
+            _progress(run, "perplexity", detail=f"Perplexity: 0/{len(documents)} conversations")
+            metrics["perplexity"] = _perplexity(run, models, documents, hp, n_boot, seed)
         _progress(run, "retention", metrics=metrics)
 
-        # Knowledge retention: option log-likelihoods, no free-text parsing.
-        questions = suites["knowledge_retention"].items
-        answers = [q["answer"] for q in questions]
-        base_ok = scoring.mcq_correct(
-            scoring.option_logliks(models, questions, use_adapter=False), answers
-        )
-        trained_ok = scoring.mcq_correct(
-            scoring.option_logliks(models, questions, use_adapter=True), answers
-        )
-        ret = stats.retention(
-            base_ok,
-            trained_ok,
-            categories=[q["category"] for q in questions],
-            n_boot=n_boot,
-            seed=seed,
-        )
-        ret["display"] = stats.display_line(
-            "Knowledge accuracy",
-            100 * ret["baseline_accuracy"],
-            100 * ret["trained_accuracy"],
-            unit="%",
-        )
-        ret["questions"] = [
-            {"id": q["id"], "baseline": bool(b), "trained": bool(t)}
-            for q, b, t in zip(questions, base_ok, trained_ok, strict=True)
-        ]
-        metrics["retention"] = ret
+        if "retention" not in metrics:
+            metrics["retention"] = _retention(
+                run, models, suites["knowledge_retention"].items, n_boot, seed
+            )
         _progress(run, "generating", metrics=metrics)
 
         # Responses for the rubric suites, both sides, same prompts and decoding.
@@ -350,36 +423,8 @@ def _execute(run: ValidationRun) -> None:
                 for name in RUBRIC_SUITES
             },
         }
-        ValidationRun.objects.filter(pk=run.pk).update(decoding=run.decoding)
-        steps = [(s, side) for s in RUBRIC_SUITES for side in (Side.BASELINE, Side.TRAINED)]
-        span = STAGES["judging"] - STAGES["generating"]
-        for n, (suite_name, side) in enumerate(steps):
-            items = suites[suite_name].items
-            generations = scoring.generate(
-                models,
-                [conversation_for(suites[suite_name], item) for item in items],
-                use_adapter=side == Side.TRAINED,
-                max_new_tokens=decoding["max_new_tokens"],
-                seed=seed,
-                temperature=decoding["temperature"],
-                batch_size=decoding["batch_size"],
-            )
-            GeneratedResponse.objects.bulk_create(
-                GeneratedResponse(
-                    run=run,
-                    suite=suite_name,
-                    item_id=item["id"],
-                    category=item.get("category", ""),
-                    side=side,
-                    prompt=item["prompt"],
-                    text=g.text,
-                    stopped=g.stopped,
-                    new_tokens=g.new_tokens,
-                    seconds=g.seconds,
-                )
-                for item, g in zip(items, generations, strict=True)
-            )
-            _progress(run, "generating", STAGES["generating"] + span * (n + 1) / len(steps))
+        _beat(run).write(decoding=run.decoding)
+        _generate_all(run, suites, models, decoding, seed)
 
         # Judge scores for every response.
         _progress(run, "judging")
@@ -392,13 +437,152 @@ def _execute(run: ValidationRun) -> None:
     _progress(run, "report")
     run.refresh_from_db()
     validation_report_generate(run=run, user=None, allow_running=True)
-    ValidationRun.objects.filter(pk=run.pk).update(
+    _beat(run).finish(
         status=RunStatus.COMPLETED,
         stage="completed",
+        stage_detail="",
         progress=100.0,
         completed_at=timezone.now(),
-        updated_at=timezone.now(),
     )
+
+
+def _perplexity(run: ValidationRun, models, documents, hp: dict, n_boot: int, seed: int) -> dict:
+    """Perplexity on the held-out split, one conversation at a time, paired bootstrap."""
+    from evaluation import scoring, stats
+
+    total = len(documents)
+    sides: dict[bool, list] = {False: [], True: []}
+    for use_adapter, label in ((False, "base model"), (True, "trained adapter")):
+        for i, document in enumerate(documents):
+            sides[use_adapter] += scoring.document_nll(
+                models, [document], use_adapter=use_adapter, max_length=hp["max_seq_length"]
+            )
+            done = len(sides[False]) + len(sides[True])
+            _item_progress(
+                run,
+                "perplexity",
+                done,
+                2 * total,
+                f"Perplexity: {i + 1}/{total} conversations ({label})",
+                end="retention",
+            )
+    # Documents without a scored token (nothing after truncation) carry no information.
+    scored = [(b, t) for b, t in zip(sides[False], sides[True], strict=True) if b.tokens]
+    base_nll, trained_nll = [b for b, _ in scored], [t for _, t in scored]
+    ppl = stats.perplexity_improvement(base_nll, trained_nll, n_boot=n_boot, seed=seed)
+    ppl["display"] = stats.display_line(
+        "Perplexity", ppl["baseline"], ppl["trained"], higher_is_better=False
+    )
+    ppl["documents"] = [
+        {"baseline": [b.nll_sum, b.tokens], "trained": [t.nll_sum, t.tokens]}
+        for b, t in zip(base_nll, trained_nll, strict=True)
+    ]
+    return ppl
+
+
+def _retention(run: ValidationRun, models, questions: list[dict], n_boot: int, seed: int) -> dict:
+    """Knowledge retention: option log-likelihoods, no free-text parsing; one question at a
+    time so that the page can say how far it is."""
+    from evaluation import scoring, stats
+
+    total = len(questions)
+    logliks: dict[bool, list] = {False: [], True: []}
+    for use_adapter, label in ((False, "base model"), (True, "trained adapter")):
+        for i, question in enumerate(questions):
+            logliks[use_adapter] += scoring.option_logliks(
+                models, [question], use_adapter=use_adapter
+            )
+            done = len(logliks[False]) + len(logliks[True])
+            _item_progress(
+                run,
+                "retention",
+                done,
+                2 * total,
+                f"Retention: {i + 1}/{total} questions ({label})",
+                end="generating",
+            )
+    answers = [q["answer"] for q in questions]
+    base_ok = scoring.mcq_correct(logliks[False], answers)
+    trained_ok = scoring.mcq_correct(logliks[True], answers)
+    ret = stats.retention(
+        base_ok,
+        trained_ok,
+        categories=[q["category"] for q in questions],
+        n_boot=n_boot,
+        seed=seed,
+    )
+    ret["display"] = stats.display_line(
+        "Knowledge accuracy",
+        100 * ret["baseline_accuracy"],
+        100 * ret["trained_accuracy"],
+        unit="%",
+    )
+    ret["questions"] = [
+        {"id": q["id"], "baseline": bool(b), "trained": bool(t)}
+        for q, b, t in zip(questions, base_ok, trained_ok, strict=True)
+    ]
+    return ret
+
+
+def _generate_all(run: ValidationRun, suites: dict, models, decoding: dict, seed: int) -> None:
+    """Responses for both rubric suites and both sides, one batch at a time, each batch stored
+    as soon as it is generated: a resumed run generates only the responses it lacks."""
+    from evaluation import scoring
+    from evaluation.suites import conversation_for
+
+    steps = [(s, side) for s in RUBRIC_SUITES for side in (Side.BASELINE, Side.TRAINED)]
+    total = sum(len(suites[name].items) for name, _ in steps)
+    stored = set(GeneratedResponse.objects.filter(run=run).values_list("suite", "item_id", "side"))
+    done = sum(1 for key in stored if key[0] in RUBRIC_SUITES)
+    size = max(1, int(decoding["batch_size"]))
+    for suite_name, side in steps:
+        suite = suites[suite_name]
+        items = suite.items
+        # Batches are cut from the whole suite, so a resumed batch keeps its seed.
+        for b, start in enumerate(range(0, len(items), size)):
+            chunk = [
+                i for i in items[start : start + size] if (suite_name, i["id"], side) not in stored
+            ]
+            if not chunk:
+                continue
+            generations = scoring.generate(
+                models,
+                [conversation_for(suite, item) for item in chunk],
+                use_adapter=side == Side.TRAINED,
+                max_new_tokens=decoding["max_new_tokens"],
+                seed=seed + b,
+                temperature=decoding["temperature"],
+                batch_size=size,
+            )
+            # ignore_conflicts: a worker taken for dead that still finishes a batch adds nothing.
+            GeneratedResponse.objects.bulk_create(
+                [
+                    GeneratedResponse(
+                        run=run,
+                        suite=suite_name,
+                        item_id=item["id"],
+                        category=item.get("category", ""),
+                        side=side,
+                        prompt=item["prompt"],
+                        text=g.text,
+                        stopped=g.stopped,
+                        new_tokens=g.new_tokens,
+                        seconds=g.seconds,
+                    )
+                    for item, g in zip(chunk, generations, strict=True)
+                ],
+                ignore_conflicts=True,
+            )
+            done += len(chunk)
+            label = "base model" if side == Side.BASELINE else "trained adapter"
+            _item_progress(
+                run,
+                "generating",
+                done,
+                total,
+                f"Responses: {done}/{total} ({Suite(suite_name).label}, {label})",
+                end="judging",
+            )
 
 
 def _judge_name(run: ValidationRun) -> tuple[str, object]:
@@ -412,16 +596,28 @@ def _judge_name(run: ValidationRun) -> tuple[str, object]:
 
 
 def _judge_all(run: ValidationRun, suites: dict, models) -> None:
+    """Judge scores for every response not yet judged by this judge, stored in small batches
+    (a resumed run judges only what is left)."""
     from evaluation import scoring
     from jobs.model_client import judge_with_endpoint
 
     if settings.EVALUATION_JUDGE == "none":
         return
     judge, client = _judge_name(run)
-    responses = list(GeneratedResponse.objects.filter(run=run).order_by("suite", "item_id", "side"))
-    start, span = STAGES["judging"], STAGES["aggregating"] - STAGES["judging"]
-    rows = []
-    for n, response in enumerate(responses):
+    responses = list(
+        GeneratedResponse.objects.filter(run=run)
+        .exclude(judge_scores__judge=judge)
+        .order_by("suite", "item_id", "side")
+    )
+    total = GeneratedResponse.objects.filter(run=run).count()
+    done = total - len(responses)
+    rows: list[JudgeScore] = []
+
+    def store() -> None:
+        JudgeScore.objects.bulk_create(rows, ignore_conflicts=True)
+        rows.clear()
+
+    for response in responses:
         suite = suites[response.suite]
         if client is not None:
             scores, raw = judge_with_endpoint(
@@ -445,9 +641,13 @@ def _judge_all(run: ValidationRun, suites: dict, models) -> None:
                 raw=raw,
             )
         )
-        if n % 20 == 19:
-            _progress(run, "judging", start + span * (n + 1) / len(responses))
-    JudgeScore.objects.bulk_create(rows)
+        done += 1
+        if len(rows) >= 20:
+            store()
+        _item_progress(
+            run, "judging", done, total, f"Judging: {done}/{total} responses", end="aggregating"
+        )
+    store()
 
 
 # --- Figures from responses, judge scores and human ratings ---------------------------------

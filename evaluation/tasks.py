@@ -1,8 +1,13 @@
-"""Celery tasks: thin wrappers that load by ID and call a service."""
+"""Celery tasks: thin wrappers that load by ID and call a service.
+
+execute_validation_run goes to the "long" queue (settings.CELERY_TASK_ROUTES) with its own,
+larger time limits; the rest go to "control".
+"""
 
 from celery import shared_task
 from django.conf import settings
 
+from config.longtasks import recoverer
 from evaluation import services
 from evaluation.models import ValidationRun
 
@@ -25,3 +30,9 @@ def recompute_validation_metrics(run_id: str) -> bool:
         return False
     services.validation_metrics_recompute(run=run)
     return True
+
+
+@recoverer("validation_runs")
+def recover_validation_runs() -> dict:
+    """Part of config.tasks.reconcile_long_tasks (beat, every minute)."""
+    return services.validation_runs_recover()

@@ -112,15 +112,19 @@ class FakeScoring:
 
         self.calls.append(("document_nll", use_adapter))
         per_token = 1.6 if use_adapter else 2.6
-        return [
-            DocNLL(nll_sum=per_token * (20 + i) + 0.1 * (i % 3), tokens=20 + i)
-            for i in range(len(documents))
-        ]
+        # From the document's content, not its position: the service scores one at a time.
+        sizes = [sum(len(m["content"]) for m in messages) % 7 for messages in documents]
+        return [DocNLL(nll_sum=per_token * (20 + i) + 0.1 * (i % 3), tokens=20 + i) for i in sizes]
 
     def option_logliks(self, models, questions, *, use_adapter):
         self.calls.append(("option_logliks", use_adapter))
+        from evaluation.suites import load_suite
+
+        # The question's place in the suite (the service asks one question at a time).
+        order = {q["id"]: i for i, q in enumerate(load_suite("knowledge_retention").items)}
         out = []
-        for i, q in enumerate(questions):
+        for q in questions:
+            i = order[q["id"]]
             scores = [-2.0, -2.0, -2.0, -2.0]
             # Base knows 80 of 100, the adapter forgets 2 of those.
             right = i % 5 != 0 and not (use_adapter and i in (1, 2))

@@ -90,12 +90,17 @@ def test_the_report_context_carries_the_stored_figures(completed_run, fake_pdf):
     assert context["approval"] is None and len(context["examples"]) == 10
 
 
-def test_executing_twice_claims_once(completed_job, fake_scoring, fake_pdf):
+def test_executing_twice_claims_once(completed_job, fake_scoring, fake_pdf, fast_settings):
     run = services.validation_run_create(job=completed_job, user=None, enqueue=False)
     first = services.validation_run_execute(run_id=str(run.pk))
     second = services.validation_run_execute(run_id=str(run.pk))
     assert first.status == RunStatus.COMPLETED and second is None
-    assert fake_scoring.calls.count(("generate", True)) == 2  # EI and brand voice, once each
+    # EI and brand voice, once each, one call per batch of EVALUATION_BATCH_SIZE prompts
+    from evaluation.suites import all_suites
+
+    size = fast_settings.EVALUATION_BATCH_SIZE
+    batches = sum(-(-len(all_suites()[n].items) // size) for n in services.RUBRIC_SUITES)
+    assert fake_scoring.calls.count(("generate", True)) == batches == 6
     assert Report.objects.filter(run=run).count() == 1
 
 
@@ -114,11 +119,25 @@ def test_a_run_abandoned_by_a_dead_worker_is_claimed_again(
     from django.utils import timezone
 
     run = services.validation_run_create(job=completed_job, user=None, enqueue=False)
+    long_ago = timezone.now() - timedelta(seconds=settings.LONG_TASK_STALE_AFTER_S + 5)
     ValidationRun.objects.filter(pk=run.pk).update(
-        status=RunStatus.RUNNING,
-        updated_at=timezone.now() - timedelta(seconds=settings.EVALUATION_STALE_AFTER_S + 5),
+        status=RunStatus.RUNNING, started_at=long_ago, heartbeat_at=long_ago, attempts=1
     )
     assert services.validation_run_execute(run_id=str(run.pk)).status == RunStatus.COMPLETED
+
+
+def test_a_run_with_a_fresh_heartbeat_is_not_claimed_again(completed_job, fake_scoring, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = services.validation_run_create(job=completed_job, user=None, enqueue=False)
+    long_ago = timezone.now() - timedelta(seconds=settings.LONG_TASK_STALE_AFTER_S + 5)
+    ValidationRun.objects.filter(pk=run.pk).update(
+        status=RunStatus.RUNNING, started_at=long_ago, heartbeat_at=timezone.now()
+    )
+    assert services.validation_run_execute(run_id=str(run.pk)) is None
+    assert fake_scoring.calls == []
 
 
 def test_only_a_completed_job_with_an_adapter_can_be_validated(completed_job):
