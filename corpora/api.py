@@ -31,6 +31,10 @@ class TrainingFileOut(Schema):
     status: str
     validation_errors: list[dict]
     schema_version: str
+    format: str = Field(
+        description="Detected from the first record: crucible, openai_chat, sharegpt or alpaca"
+    )
+    format_label: str = Field(description="The format as people name it, e.g. 'OpenAI chat'")
     conversation_count: int
     pair_count: int
     word_count: int
@@ -40,6 +44,10 @@ class TrainingFileOut(Schema):
     stats: dict
     uploaded_by: str | None = Field(None, alias="uploaded_by.username")
     created_at: datetime
+
+    @staticmethod
+    def resolve_format_label(obj: TrainingFile) -> str:
+        return obj.get_format_display()
 
 
 class IngestionOut(Schema):
@@ -538,6 +546,11 @@ def corpora_exports_list(request: HttpRequest, corpus_id: UUID):
     response={201: TrainingFileOut, **ERRORS},
     auth=requires("run_jobs"),
     summary="Upload a JSONL training file (validated; an invalid file writes nothing)",
+    description="One conversation a line, in Crucible's format, OpenAI chat JSONL "
+    '({"messages": [...]}, with per-message weight and tools), ShareGPT '
+    '({"conversations": [{"from", "value"}]}) or Alpaca ({"instruction", "input", '
+    '"output"}); the format is detected from the first line and returned as `format`. '
+    "Records without an id get one from their line number and a content hash.",
 )
 def training_files_upload(
     request: HttpRequest,

@@ -15,6 +15,8 @@ Layout under ``exports/<export id>/``::
     parquet/<split>.parquet
     hf/README.md           Hugging Face dataset card: configs, features, splits
     hf/data/<split>-00000-of-0000N.parquet
+    openai_chat/<split>.jsonl  training files only: OpenAI chat fine-tuning JSONL, one
+                           {"messages": [...], "tools": [...]} per line (weight 0 kept)
 
 Splits are seeded and stratified (``_assign_splits``); chunks follow their document so
 no document leaks across splits. Versions are semantic (``_next_version``).
@@ -51,9 +53,11 @@ from config.storage import storage_open, storage_save, storage_size
 from corpora.ingest import DOCUMENT_COLUMNS
 from corpora.models import Chunk, Document, Export
 from corpora.tokens import count_tokens
-from corpora.validation import to_messages
+from gpu import formats as training_formats
 
-FORMATS = ("json", "jsonl", "csv", "parquet", "hf")
+FORMATS = ("json", "jsonl", "csv", "parquet", "hf", "openai_chat")
+# Formats that only a unit of this kind can be written in.
+FORMAT_UNITS = {"openai_chat": ("conversations",)}
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLITS = {"train": 0.8, "validation": 0.15, "test": 0.05}
 CSV_DELIMITERS = {",": ",", ";": ";", "\\t": "\t", "\t": "\t", "|": "|"}
@@ -109,6 +113,7 @@ FEATURES: dict[str, dict[str, str]] = {
     },
 }
 UNITS_OF = {"corpus": ("documents", "chunks"), "training_file": ("conversations",)}
+OPENAI_RECORD = "_openai_record"
 
 
 def _invalid(field_name: str, message: str) -> InvalidInput:
@@ -142,6 +147,12 @@ def check_parameters(
     unit = unit or units[0]
     if unit not in units:
         raise _invalid("unit", f"a {source_kind.replace('_', ' ')} exports {' or '.join(units)}")
+    for fmt in formats:
+        if fmt in FORMAT_UNITS and unit not in FORMAT_UNITS[fmt]:
+            raise _invalid(
+                "formats",
+                f"{fmt} writes {' or '.join(FORMAT_UNITS[fmt])}: export a training file for it",
+            )
     ratios = dict(DEFAULT_SPLITS if splits is None else splits)
     bad = [k for k in ratios if k not in SPLITS]
     if bad:
@@ -360,35 +371,41 @@ class TrainingFileSource(Source):
     def total(self) -> int:
         return self.training_file.conversation_count
 
-    def _records(self) -> Iterator[dict]:
+    def _records(self) -> Iterator[tuple[dict, training_formats.Chat]]:
+        """(record as written, the same conversation normalised) for each line of the file,
+        whatever its format (the ids of records without one derived as on upload)."""
+        fmt = self.training_file.format or training_formats.CRUCIBLE
         with storage_open(self.training_file.storage_path) as handle:
-            for raw in handle:
+            for number, raw in enumerate(handle, start=1):
                 if raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 if raw.strip():
-                    yield orjson.loads(raw)
+                    record = orjson.loads(raw)
+                    yield record, training_formats.normalize(record, fmt, number)
 
     def keys(self, stratify_by):
-        for record in self._records():
+        for record, chat in self._records():
             sha = hashlib.sha256(orjson.dumps(record, option=orjson.OPT_SORT_KEYS)).hexdigest()
             stratum = _stratum(_get(record, stratify_by)) if stratify_by else "(none)"
-            yield record["id"], stratum, sha
+            yield chat.id, stratum, sha
 
     def rows(self):
-        for record in self._records():
-            messages = to_messages(record)
-            metadata = record.get("metadata") or {}
+        for _record, chat in self._records():
+            messages = chat.flat_messages()
+            metadata = chat.metadata
             score = metadata.get("quality_score")
             yield (
-                record["id"],
+                chat.id,
                 {
-                    "id": record["id"],
+                    "id": chat.id,
                     "messages": messages,
                     "metadata": metadata,
                     "pair_count": sum(1 for m in messages if m["role"] == "assistant"),
                     "word_count": sum(len(m["content"].split()) for m in messages),
                     "token_count": sum(count_tokens(m["content"]) for m in messages),
                     "quality_score": float(score) if isinstance(score, int | float) else None,
+                    # Not a feature: what the openai_chat writer writes (weights, tool calls).
+                    OPENAI_RECORD: chat.openai_record(),
                 },
             )
 
@@ -691,12 +708,39 @@ class HuggingFaceWriter(ParquetWriter):
         return f"hf/data/{split}-{shard:05d}-of-{shards:05d}.parquet"
 
 
+class OpenAIChatWriter(Writer):
+    """OpenAI chat fine-tuning JSONL: ``{"messages": [...]}`` (and ``tools``) per line.
+
+    Assistant messages that were context only keep ``"weight": 0``; the field mapping does
+    not apply (the format is fixed).
+    """
+
+    fmt = "openai_chat"
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.handles = {}
+
+    def write(self, split, row):
+        info = self._file(split, f"openai_chat/{split}.jsonl")
+        if split not in self.handles:
+            self.handles[split] = (self.root / info.path).open("wb")
+        self.handles[split].write(orjson.dumps(row[OPENAI_RECORD]) + b"\n")
+        info.rows += 1
+
+    def close(self):
+        for handle in self.handles.values():
+            handle.close()
+        return super().close()
+
+
 WRITERS = {
     "json": JsonWriter,
     "jsonl": JsonlWriter,
     "csv": CsvWriter,
     "parquet": ParquetWriter,
     "hf": HuggingFaceWriter,
+    "openai_chat": OpenAIChatWriter,
 }
 
 
@@ -922,7 +966,23 @@ def check_file(root: Path, info: WrittenFile, features: dict[str, str], params: 
     _expect(path.exists(), f"{info.path} is missing")
     mapping = _mapping(params)
     keys = list(mapping) if mapping else list(features)
-    if info.format == "jsonl":
+    if info.format == "openai_chat":
+        # Read back as an upload would: every line must be a valid OpenAI chat record.
+        rows = 0
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                value = orjson.loads(raw)
+                fmt = training_formats.detect_format(value)
+                _expect(fmt == training_formats.OPENAI_CHAT, f"{info.path}: line {number}")
+                try:
+                    training_formats.normalize(value, fmt, number)
+                except training_formats.RecordError as exc:
+                    raise ExportCheckFailed(
+                        f"{info.path}: line {number} at {exc.pointer}: {exc.message}"
+                    ) from exc
+                rows += 1
+        _expect(rows == info.rows, f"{info.path}: {rows} rows, expected {info.rows}")
+    elif info.format == "jsonl":
         rows = 0
         with path.open("rb") as handle:
             for raw in handle:

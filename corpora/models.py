@@ -213,7 +213,8 @@ class TrainingFileQuerySet(models.QuerySet):
 
 
 class TrainingFile(models.Model):
-    """A validated training file (JSONL of conversations, ``schemas/training_file``).
+    """A validated training file (JSONL of conversations in one of the ``gpu.formats``:
+    Crucible's ``schemas/training_file``, OpenAI chat, ShareGPT or Alpaca).
 
     Only files that pass the schema are stored. ``status`` then says whether every
     conversation is also trainable (ends on an assistant turn, unique ids...); problems
@@ -224,10 +225,23 @@ class TrainingFile(models.Model):
         READY = "ready", "Ready to train"
         PROBLEMS = "problems", "Has problems"
 
+    class Format(models.TextChoices):
+        # The keys of gpu.formats.FORMATS: the format detected from the file's first record.
+        CRUCIBLE = "crucible", "Crucible"
+        OPENAI_CHAT = "openai_chat", "OpenAI chat"
+        SHAREGPT = "sharegpt", "ShareGPT"
+        ALPACA = "alpaca", "Alpaca"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
     schema_version = models.CharField(max_length=16, default="1")
+    format = models.CharField(
+        max_length=16,
+        choices=Format.choices,
+        default=Format.CRUCIBLE,
+        help_text="The file's format, detected on upload from its first record",
+    )
     storage_path = models.CharField(max_length=500)
     original_filename = models.CharField(max_length=255, blank=True)
     size_bytes = models.BigIntegerField()
@@ -287,7 +301,7 @@ class Export(models.Model):
         CHUNKS = "chunks", "Chunks"
         CONVERSATIONS = "conversations", "Conversations"
 
-    FORMATS = ("json", "jsonl", "csv", "parquet", "hf")
+    FORMATS = ("json", "jsonl", "csv", "parquet", "hf", "openai_chat")
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     corpus = models.ForeignKey(

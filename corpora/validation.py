@@ -9,6 +9,10 @@ The common case is fast: orjson parses the line and the compiled schema (jsonsch
 says it is valid. Only a line that fails takes the slow path, which works out the
 reason: a byte-order mark, invalid UTF-8, a blank line, a truncated record, bad JSON,
 or the schema error that jsonschema's ``best_match`` picks, with its JSON pointer.
+
+Training files come in the formats of ``gpu.formats`` (Crucible, OpenAI chat JSONL,
+ShareGPT, Alpaca), detected from the first record; the worker reads them through the same
+module, so a file accepted here trains the same way there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from corpora.schemas import (
     training_file_validator,
 )
 from corpora.tokens import count_tokens
+from gpu import formats as training_formats
 
 MAX_REPORTED_ERRORS = 50
 MAX_REPORTED_PROBLEMS = 50
@@ -286,20 +291,14 @@ def iter_corpus_records(
 
 
 def to_messages(record: dict) -> list[dict]:
-    """The chat transcript of a conversation, whichever shape the file used."""
-    if "messages" in record:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    messages = []
-    if record.get("system_prompt"):
-        messages.append({"role": "system", "content": record["system_prompt"]})
-    for pair in record["training_pairs"]:
-        messages.append({"role": "user", "content": pair["user_input"]})
-        messages.append({"role": "assistant", "content": pair["target_response"]})
-    return messages
+    """The chat transcript (role, content) of a valid record, in any training-file format."""
+    return training_formats.to_messages(record)
 
 
 @dataclass
 class TrainingFileReport(JsonlReport):
+    format: str | None = None  # gpu.formats key: crucible, openai_chat, sharegpt, alpaca
+    derived_ids: int = 0
     conversations: int = 0
     pairs: int = 0
     words: int = 0
@@ -309,6 +308,10 @@ class TrainingFileReport(JsonlReport):
     conversation_tokens: list[int] = field(default_factory=list)
     quality_scores: list[float] = field(default_factory=list)
     preview: list[dict] = field(default_factory=list)
+
+    @property
+    def format_label(self) -> str:
+        return training_formats.FORMATS.get(self.format or "", "")
 
     # The names the training app and older callers use.
     @property
@@ -370,60 +373,58 @@ def _histogram(values: list[int]) -> list[dict]:
     return buckets
 
 
-def _check_trainable(record: dict, messages: list[dict]) -> str | None:
-    roles = [m["role"] for m in messages]
-    if roles[-1] != "assistant":
-        return "the conversation does not end with an assistant turn"
-    body = [r for r in roles if r != "system"]
-    if "system" in roles[1:]:
-        return "a system message may only come first"
-    if body and body[0] != "user":
-        return "the conversation must start with a user turn (after an optional system prompt)"
-    for a, b in itertools.pairwise(body):
-        if a == b:
-            return f"two {a} turns in a row"
-    return None
-
-
 def validate_training_file(stream: IO[bytes], version: str = "1") -> TrainingFileReport:
+    """Validate a training file in any accepted format (``gpu.formats``), streaming.
+
+    The format is detected from the first record; a record in another format is an error
+    on its line. Crucible records are checked by the versioned JSON Schema, the others by
+    ``gpu.formats`` (the worker's own checks), each error with its line and JSON pointer.
+    """
     validator = training_file_validator(version)
     report = TrainingFileReport()
+    tracker = training_formats.FormatTracker()
     seen_ids: dict[str, int] = {}
     for number, record in iter_jsonl(stream, report):
         if not isinstance(record, dict):
             report.add_error(number, "", "each line must be a JSON object")
             continue
-        if not validator.is_valid(record):
-            pointer, message = validator.explain(record) or ("", "invalid record")
-            report.add_error(number, pointer, message)
+        try:
+            fmt = tracker.check(record, number)
+            if fmt == training_formats.CRUCIBLE and not validator.is_valid(record):
+                pointer, message = validator.explain(record) or ("", "invalid record")
+                report.add_error(number, pointer, message)
+                continue
+            chat = training_formats.normalize(record, fmt, number)
+        except training_formats.RecordError as exc:
+            report.add_error(number, exc.pointer, exc.message)
             continue
-        if record["id"] in seen_ids:
+        if chat.id in seen_ids:
             report.add_error(
                 number,
                 "/id",
-                f"duplicate id '{record['id']}' (first on line {seen_ids[record['id']]})",
+                f"duplicate id '{chat.id}' (first on line {seen_ids[chat.id]})",
             )
             continue
-        seen_ids[record["id"]] = number
-        messages = to_messages(record)
-        problem = _check_trainable(record, messages)
+        seen_ids[chat.id] = number
+        report.derived_ids += chat.id_derived
+        messages = chat.flat_messages()
+        problem = training_formats.problem(chat)
         if problem and len(report.problems) < MAX_REPORTED_PROBLEMS:
-            report.problems.append(
-                {"line": number, "conversation_id": record["id"], "message": problem}
-            )
+            report.problems.append({"line": number, "conversation_id": chat.id, "message": problem})
         report.conversations += 1
-        report.pairs += sum(1 for m in messages if m["role"] == "assistant")
+        report.pairs += chat.trained_turns
         words = sum(len(m["content"].split()) for m in messages)
         tokens = sum(count_tokens(m["content"]) for m in messages)
         report.words += words
         report.tokens += tokens
         report.conversation_words.append(words)
         report.conversation_tokens.append(tokens)
-        score = (record.get("metadata") or {}).get("quality_score")
-        if isinstance(score, int | float):
+        score = chat.metadata.get("quality_score")
+        if isinstance(score, int | float) and not isinstance(score, bool):
             report.quality_scores.append(float(score))
         if len(report.preview) < 3:
-            report.preview.append({"line": number, "id": record["id"], "messages": messages[:4]})
+            report.preview.append({"line": number, "id": chat.id, "messages": messages[:4]})
+    report.format = tracker.format
     if report.conversations == 0 and report.valid:
         report.add_error(1, "", "the file holds no conversations")
     return report

@@ -70,6 +70,7 @@ class ExportForm(forms.Form):
             ("csv", "CSV"),
             ("parquet", "Parquet"),
             ("hf", "Hugging Face dataset"),
+            ("openai_chat", "OpenAI chat JSONL (training files)"),
         ],
         widget=forms.CheckboxSelectMultiple,
         initial=["jsonl", "hf"],

@@ -1,15 +1,19 @@
 """Training file -> checked conversations -> token ids with assistant-only labels -> packed rows.
 
-The training file (schemas/training_file/v1.json) holds one conversation a line: either
-``messages`` [{role, content}] or ``system_prompt`` + ``training_pairs`` [{user_input,
-target_response}]; both become the same chat transcript.
+The training file holds one conversation a line, in one of the formats of ``gpu.formats``
+(detected from the first record; a file must not mix them): Crucible's own
+(schemas/training_file/v1.json: ``messages`` [{role, content}] or ``system_prompt`` +
+``training_pairs`` [{user_input, target_response}]), OpenAI chat JSONL, ShareGPT or Alpaca.
+``gpu.formats`` turns each into the same chat transcript; the platform's validator uses the
+same module, so what was accepted on upload trains the same way here.
 
 Labels: each conversation is rendered once with the base model's chat template and tokenized
 once (fast tokenizer, character offsets). The characters of each assistant turn -- its content
 and the end-of-turn token that closes it -- are found by rendering the prefixes of the
 conversation (``messages[:i]`` with the generation prompt, and ``messages[:i+1]``); tokens that
 start inside those spans keep their id as label, every other token gets -100. So the model
-learns the replies and to stop, never the prompts.
+learns the replies and to stop, never the prompts. An assistant message with weight 0 (OpenAI
+chat, ShareGPT) is context: it is rendered but gets no labels.
 
 Packing: examples are packed best-fit-decreasing into rows of at most max_seq_length tokens
 (TRL's ``pack_dataset``); ``PackedCollator`` restarts ``position_ids`` at every conversation
@@ -19,6 +23,7 @@ never attend across conversations, and no compute is spent on padding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu import formats
 from gpu.errors import DatasetFormatError, WorkerError
 
 ROLES = ("system", "user", "assistant")
@@ -38,7 +44,14 @@ REAL_TOKENS_KEY = "crucible_real_tokens"
 class Conversation:
     row: int  # 1-based line number in the training file
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    # Indexes of assistant messages that are context only (weight 0): rendered, not learned.
+    context_only: frozenset[int] = frozenset()
+    # Tool definitions (OpenAI chat / ShareGPT): given to the chat template when it uses them.
+    tools: list | None = None
+
+    def trained(self, index: int) -> bool:
+        return self.messages[index]["role"] == "assistant" and index not in self.context_only
 
 
 # ------------------------------------------------------------------ reading and checks
@@ -54,14 +67,64 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def parse_conversation(line: str, row: int) -> Conversation:
-    """One JSONL line -> Conversation, or a row-level DatasetFormatError."""
+def _field(pointer: str) -> str | None:
+    """``/messages/1/role`` -> ``messages[1].role`` (the worker's way of naming a field)."""
+    out = ""
+    for part in pointer.split("/")[1:]:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out or None
+
+
+def _other_format(record: dict, row: int, fmt: str) -> Conversation:
+    """A record in OpenAI chat, ShareGPT or Alpaca format, through ``gpu.formats``."""
+    cid = record.get("id") if isinstance(record.get("id"), str | int) else None
+    try:
+        chat = formats.normalize(record, fmt, row)
+    except formats.RecordError as exc:
+        raise _fail(row, cid and str(cid), _field(exc.pointer), exc.message) from exc
+    messages = chat.messages
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant":
+        raise _fail(
+            row,
+            chat.id,
+            None,
+            f"the last message is {messages[last]['role']!r}: a conversation must end with an "
+            "assistant turn",
+        )
+    if not any(m["role"] == "user" for m in messages):
+        raise _fail(row, chat.id, None, "the conversation has no user turn")
+    if chat.trained_turns == 0:
+        raise _fail(row, chat.id, None, "every assistant message has weight 0: nothing to learn")
+    return Conversation(
+        row=row, id=chat.id, messages=messages, context_only=chat.context_only, tools=chat.tools
+    )
+
+
+def parse_conversation(
+    line: str, row: int, tracker: formats.FormatTracker | None = None
+) -> Conversation:
+    """One JSONL line -> Conversation, or a row-level DatasetFormatError.
+
+    ``tracker`` holds the file's format (from its first record): a record in another
+    format is refused. Crucible records are checked here, as they always were; the other
+    formats by ``gpu.formats``.
+    """
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise _fail(row, None, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(record, dict):
         raise _fail(row, None, None, "a line must be a JSON object (one conversation)")
+    detected = formats.detect_format(record)
+    fmt = detected or formats.CRUCIBLE  # unrecognisable: Crucible's checks say what is missing
+    if tracker is not None and detected is not None:
+        try:
+            tracker.check(record, row)
+        except formats.RecordError as exc:
+            raise _fail(row, None, None, exc.message) from exc
+    if fmt != formats.CRUCIBLE:
+        return _other_format(record, row, fmt)
     cid = record.get("id")
     if not _nonempty_str(cid):
         raise _fail(row, None, "id", "is missing or empty")
@@ -132,10 +195,11 @@ def parse_conversation(line: str, row: int) -> Conversation:
 def read_conversations(lines: Iterable[str]) -> list[Conversation]:
     conversations: list[Conversation] = []
     seen: dict[str, int] = {}
+    tracker = formats.FormatTracker()
     for row, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        conversation = parse_conversation(line, row)
+        conversation = parse_conversation(line.removeprefix("\ufeff"), row, tracker)
         if conversation.id in seen:
             raise _fail(
                 row, conversation.id, "id", f"duplicates the id of row {seen[conversation.id]}"
@@ -192,12 +256,43 @@ class ChatRenderer:
         if not getattr(tokenizer, "chat_template", None):
             raise WorkerError("The base model's tokenizer has no chat template")
         self.tokenizer = tokenizer
+        source = str(tokenizer.chat_template)
+        # What the template itself can show: tool definitions and native tool calls. Without
+        # them, tools stay metadata of the file (not shown to the model) and tool calls are
+        # written into the assistant's text (gpu.formats.flat_content).
+        self.supports_tools = "tools" in source
+        self.supports_tool_calls = "tool_calls" in source
         self.eot_id, self.eot_token = self._detect_end_of_turn()
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None
+    ) -> str:
+        extra = {"tools": tools} if tools and self.supports_tools else {}
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
+
+    def template_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages as this template takes them: tool calls native or as text."""
+        if not any(m.get("tool_calls") for m in messages):
+            return messages
+        out = []
+        for message in messages:
+            if not message.get("tool_calls"):
+                out.append(message)
+            elif self.supports_tool_calls:
+                calls = []
+                for call in message["tool_calls"]:
+                    function = dict(call["function"])
+                    # Chat templates expect the arguments as an object.
+                    with contextlib.suppress(json.JSONDecodeError, TypeError):
+                        function["arguments"] = json.loads(function["arguments"])
+                    calls.append({**call, "function": function})
+                out.append({**message, "tool_calls": calls})
+            else:
+                flat = {k: v for k, v in message.items() if k != "tool_calls"}
+                out.append({**flat, "content": formats.flat_content(message)})
+        return out
 
     def _detect_end_of_turn(self) -> tuple[int, str]:
         """The token the template puts right after an assistant reply (<|im_end|> for ChatML)."""
@@ -220,13 +315,16 @@ class ChatRenderer:
             raise WorkerError("Cannot tell the end-of-turn token of this chat template")
         return token_id, self.tokenizer.convert_ids_to_tokens(token_id)
 
-    def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    def _assistant_spans(
+        self, messages: list[dict], text: str, tools: list | None = None
+    ) -> list[tuple[int, int, int]]:
+        """(message index, first char, end char) of each assistant turn in ``text``."""
         spans, cursor = [], 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
-            through = self.render(messages[: i + 1])
+            before = self.render(messages[:i], add_generation_prompt=True, tools=tools) if i else ""
+            through = self.render(messages[: i + 1], tools=tools)
             if (
                 i
                 and text.startswith(before)
@@ -247,14 +345,15 @@ class ChatRenderer:
             segment = text[start:end]
             cut = segment.rfind(self.eot_token)
             end = start + (cut + len(self.eot_token) if cut >= 0 else len(segment.rstrip()))
-            spans.append((start, end))
+            spans.append((i, start, end))
             cursor = end
         return spans
 
     def encode(self, conversation: Conversation) -> Encoded:
         try:
-            text = self.render(conversation.messages)
-            spans = self._assistant_spans(conversation.messages, text)
+            messages = self.template_messages(conversation.messages)
+            text = self.render(messages, tools=conversation.tools)
+            spans = self._assistant_spans(messages, text, conversation.tools)
         except WorkerError as exc:
             raise _fail(conversation.row, conversation.id, "messages", str(exc)) from exc
         except Exception as exc:  # jinja errors: roles must alternate, ...
@@ -268,7 +367,9 @@ class ChatRenderer:
         ids = list(encoding["input_ids"])
         labels = [IGNORE] * len(ids)
         turns = []
-        for start, end in spans:
+        for index, start, end in spans:
+            if not conversation.trained(index):
+                continue  # weight 0: context, not a training target
             inside = [
                 j
                 for j, (a, b) in enumerate(encoding["offset_mapping"])
@@ -304,7 +405,8 @@ def check_end_of_turn(encoded: Encoded, eot_id: int, eot_token: str) -> None:
     """Every assistant turn of an untruncated example must end in a labelled end-of-turn token."""
     if encoded.truncated:
         return
-    n_assistant = sum(1 for m in encoded.conversation.messages if m["role"] == "assistant")
+    conversation = encoded.conversation
+    n_assistant = sum(1 for i in range(len(conversation.messages)) if conversation.trained(i))
     ok = len(encoded.turns) == n_assistant and all(
         encoded.input_ids[last] == eot_id and encoded.labels[last] == eot_id
         for _, last in encoded.turns
