@@ -277,6 +277,7 @@ def training_file_create(
                 name=name,
                 description=description,
                 schema_version=schema_version,
+                format=report.format or TrainingFile.Format.CRUCIBLE,
                 storage_path=path,
                 original_filename=safe_name,
                 size_bytes=report.size_bytes,
