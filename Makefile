@@ -41,29 +41,38 @@ migrate: install  ## Apply database migrations (creates the embedded SQLite data
 	$(PY) manage.py migrate --noinput
 
 demo-setup: migrate
-	$(PY) manage.py demo_setup
+	$(PY) manage.py demo_setup --url $(PUBLIC_URL)
 
 demo-train: demo-setup  ## Train the Smoke preset on the sample file, end to end, on this machine
 	@$(PY) manage.py train --file samples/training/financial_advisor_v1.jsonl --preset smoke \
 		--user demo --name "Demo: Elena Morales smoke run" --tag demo \
 		|| echo "The demo training job failed: the dashboard shows why."
 
-demo: demo-train  ## Install, migrate, demo user and token, train one real LoRA job, then serve
-	@echo "Dashboard: http://$(HOST):$(PORT)/  (sign in as demo / crucible-demo)"
-	@mkdir -p var/log
-	@$(VENV)/bin/celery -A config worker -B --loglevel=INFO --concurrency=2 > var/log/worker.log 2>&1 & \
-	worker=$$!; trap 'kill $$worker 2>/dev/null' EXIT INT TERM; \
-	echo "Worker and scheduler running (pid $$worker, log var/log/worker.log)"; \
-	$(PY) manage.py runserver $(HOST):$(PORT) --noreload
+# The address links and webhooks use: the served one (loopback for a wildcard bind), unless
+# CRUCIBLE_PUBLIC_URL is set (a proxy, a remote executor).
+PUBLIC_HOST := $(if $(filter 0.0.0.0 :: [::],$(HOST)),127.0.0.1,$(HOST))
+PUBLIC_URL  := $(or $(CRUCIBLE_PUBLIC_URL),http://$(PUBLIC_HOST):$(PORT))
+demo serve worker beat: export CRUCIBLE_PUBLIC_URL := $(PUBLIC_URL)
+
+# demo_run supervises: it trains once (reused later; RETRAIN=1 trains again, NO_TRAIN=1 skips),
+# then runs the web server, both queue workers and beat, each in its own process group, and
+# stops them all on Ctrl-C or SIGTERM. `exec` so make's signal reaches it directly.
+demo: demo-setup  ## Install, migrate, demo user, train one real LoRA job (once), then serve
+	@exec $(PY) manage.py demo_run --host $(HOST) --port $(PORT) \
+		$(if $(RETRAIN),--retrain,) $(if $(NO_TRAIN),--no-train,)
 
 serve: migrate  ## Serve the dashboard and API with gunicorn
 	$(VENV)/bin/gunicorn config.wsgi --bind $(HOST):$(PORT) --workers $${WEB_CONCURRENCY:-3} --access-logfile /dev/null
 
-worker: install  ## Run a Celery worker (set CELERY_BEAT=1 to embed the scheduler)
-	$(VENV)/bin/celery -A config worker --loglevel=INFO $(if $(CELERY_BEAT),-B,)
+worker: install  ## Run both queue workers: control (2 slots) and long (1 slot); Ctrl-C stops both
+	@$(VENV)/bin/celery -A config worker -Q long -c 1 -n long@%h --loglevel=INFO & long=$$!; \
+	$(VENV)/bin/celery -A config worker -Q control -c 2 -n control@%h --loglevel=INFO & control=$$!; \
+	trap 'kill -TERM $$long $$control 2>/dev/null' INT TERM; \
+	wait -n; status=$$?; kill -TERM $$long $$control 2>/dev/null; wait; exit $$status
 
-beat: install  ## Run the Celery beat scheduler on its own
-	$(VENV)/bin/celery -A config beat --loglevel=INFO
+beat: install  ## Run the Celery beat scheduler (one per installation: a pidfile refuses a second)
+	@mkdir -p var/run
+	$(VENV)/bin/celery -A config beat --loglevel=INFO --pidfile var/run/celerybeat.pid
 
 test: install browser  ## Install everything and run the whole suite
 	$(PY) -m pytest --durations=25

@@ -1,5 +1,6 @@
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_safe
 
 from billing import services
 from billing.models import AuditEntry, GpuPrice
@@ -8,6 +9,7 @@ from config.views import dashboard_view
 
 
 @dashboard_view
+@require_safe  # read-only: budgets change through the API or the admin; a POST here is a 405
 def index(request: HttpRequest) -> HttpResponse:
     try:
         month = services.parse_month(request.GET.get("month"))

@@ -68,8 +68,20 @@ class TrainingJobAdmin(admin.ModelAdmin):
         return super().get_queryset(request).select_related("preset", "base_model", "created_by")
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records the platform writes (webhook events, metrics, checkpoints): viewable, never
+    added or edited by hand, so the admin cannot make them disagree with what the worker sent.
+    Deleting stays possible for cleaning up."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(WebhookEvent)
-class WebhookEventAdmin(admin.ModelAdmin):
+class WebhookEventAdmin(ReadOnlyAdmin):
     list_display = ("event_id", "job", "type", "sequence", "processed", "received_at")
     list_filter = ("type", "processed")
     readonly_fields = [f.name for f in WebhookEvent._meta.fields]
@@ -78,5 +90,17 @@ class WebhookEventAdmin(admin.ModelAdmin):
         return super().get_queryset(request).select_related("job")
 
 
-for model in (MetricPoint, Checkpoint, Artifact, JobTemplate):
+@admin.register(MetricPoint)
+class MetricPointAdmin(ReadOnlyAdmin):
+    list_display = ("job", "step", "epoch", "train_loss", "val_loss", "recorded_at")
+    list_select_related = ("job",)
+
+
+@admin.register(Checkpoint)
+class CheckpointAdmin(ReadOnlyAdmin):
+    list_display = ("job", "step", "uri", "size_bytes", "created_at")
+    list_select_related = ("job",)
+
+
+for model in (Artifact, JobTemplate):
     admin.site.register(model)

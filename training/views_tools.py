@@ -161,11 +161,17 @@ def _comparison_view_model(comparison: dict) -> dict:
 @dashboard_view
 def compare(request: HttpRequest) -> HttpResponse:
     selected = list(dict.fromkeys(v for v in request.GET.getlist("jobs") if v))
-    context = {"section": SECTION, "selected": selected, "error": ""}
+    context = {"section": SECTION, "selected": selected, "error": "", "first_job": None}
     status = 200
     if len(selected) == 1:
-        context["error"] = "Pick at least one more job: a comparison needs 2 to 4."
-        status = 400
+        # Not an error: one job is half a selection. Name it and ask for a second one.
+        ids = _valid_uuids(selected)
+        context["first_job"] = (
+            TrainingJob.objects.filter(pk=ids[0]).only("id", "name").first() if ids else None
+        )
+        if context["first_job"] is None:
+            context["error"] = "That job does not exist or its id is not valid; pick 2 to 4 jobs."
+            status = 400
     elif selected:
         try:
             comparison = services.training_jobs_compare(job_ids=selected)

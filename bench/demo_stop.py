@@ -1,0 +1,187 @@
+"""Does stopping `make demo` leave nothing behind? And how fast does it stop?
+
+Starts `make demo` on a random port in a throw-away data folder, waits for /healthz, both queue
+workers and beat, checks that a second demo is refused, then sends SIGTERM to `make` (or
+SIGINT to its process group, as Ctrl-C in a terminal does) and measures the seconds until no
+process the demo started is left. Every such process carries the CRUCIBLE_DEMO_RUN marker in
+its environment, so the check also finds processes that left the demo's process groups.
+
+    .venv/bin/python bench/demo_stop.py              # the whole demo, training included
+    .venv/bin/python bench/demo_stop.py --no-train   # serving only (what the fast test runs)
+    .venv/bin/python bench/demo_stop.py --signal INT
+
+Exits 1 when something is left (and kills it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER_ENV = "CRUCIBLE_DEMO_RUN"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def marked(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(MARKER_ENV) == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our local server
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _logged(path: Path, text: str) -> bool:
+    try:
+        return text in path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def run(*, train: bool = False, sig: str = "TERM", ready_timeout: float = 600.0) -> dict:
+    """Start the demo, stop it, and return the figures (``left`` lists what survived)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="crucible-demo-stop-"))
+    port = free_port()
+    marker = uuid.uuid4().hex
+    env = {
+        **os.environ,
+        "CRUCIBLE_DATA_DIR": str(data_dir),
+        MARKER_ENV: marker,
+    }
+    env.pop("CRUCIBLE_PUBLIC_URL", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # make and manage.py pick the default settings
+    argv = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo"]
+    argv += ["HOST=127.0.0.1", f"PORT={port}"] + ([] if train else ["NO_TRAIN=1"])
+    out = open(data_dir / "make.out", "wb")  # noqa: SIM115
+    started = time.monotonic()
+    make = subprocess.Popen(  # noqa: S603
+        argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    logs = data_dir / "log"
+    figures: dict = {"port": port, "data_dir": str(data_dir), "signal": sig, "train": train}
+    try:
+        deadline = started + ready_timeout
+        while time.monotonic() < deadline:
+            if make.poll() is not None:
+                raise RuntimeError(
+                    f"make demo exited early ({make.returncode}):\n"
+                    + (data_dir / "make.out").read_text(errors="replace")[-3000:]
+                )
+            if (
+                _healthy(f"http://127.0.0.1:{port}/healthz")
+                and _logged(logs / "worker-control.log", "ready.")
+                and _logged(logs / "worker-long.log", "ready.")
+                and _logged(logs / "beat.log", "beat: Starting")
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the demo was not ready within {ready_timeout:.0f} s")
+        figures["ready_s"] = round(time.monotonic() - started, 1)
+        running = marked(marker)
+        figures["processes"] = len(running)
+        figures["banner"] = (data_dir / "make.out").read_text(errors="replace")
+
+        # A second demo on the same installation is refused (it would start a second beat).
+        second = subprocess.run(  # noqa: S603
+            [sys.executable, "manage.py", "demo_run", "--no-train", "--port", str(free_port())],
+            cwd=ROOT,
+            env={**env, MARKER_ENV: marker + "-second"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        figures["second_refused"] = (
+            second.returncode != 0 and "already running" in second.stderr + second.stdout
+        )
+
+        stop_at = time.monotonic()
+        if sig == "INT":
+            os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        else:
+            make.send_signal(signal.SIGTERM)
+        left = running
+        while time.monotonic() - stop_at < 60:
+            left = marked(marker)
+            if not left and make.poll() is not None:
+                break
+            time.sleep(0.05)
+        figures["stop_s"] = round(time.monotonic() - stop_at, 2)
+        figures["left"] = [f"{p.pid} {' '.join(_cmdline(p))[:120]}" for p in left if _exists(p)]
+        figures["make_exit"] = make.poll()
+        figures["output"] = (data_dir / "make.out").read_text(errors="replace")
+        return figures
+    finally:
+        for proc in marked(marker):
+            with_suppress(proc.kill)
+        if make.poll() is None:
+            with_suppress(lambda: os.killpg(make.pid, signal.SIGKILL))
+        out.close()
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return ["?"]
+
+
+def _exists(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def with_suppress(fn) -> None:
+    with contextlib.suppress(psutil.Error, OSError):
+        fn()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-train", action="store_true", help="Skip the demo training step")
+    parser.add_argument("--signal", choices=["TERM", "INT"], default="TERM")
+    args = parser.parse_args()
+    figures = run(train=not args.no_train, sig=args.signal)
+    print(
+        f"demo ready in {figures['ready_s']} s with {figures['processes']} processes; "
+        f"second demo refused: {figures['second_refused']}; "
+        f"SIG{figures['signal']} -> everything stopped in {figures['stop_s']} s "
+        f"(make exit {figures['make_exit']}); left behind: {len(figures['left'])}"
+    )
+    for line in figures["left"]:
+        print("  left:", line)
+    return 1 if figures["left"] or not figures["second_refused"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

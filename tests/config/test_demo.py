@@ -1,0 +1,95 @@
+"""The demo: set-up (user, token, sample corpus), reuse of the demo job, its addresses, and
+that stopping `make demo` leaves no process behind (bench/demo_stop.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from config.management.commands import demo_run
+from corpora.models import Corpus
+from corpora.services import training_file_create
+from tests.training.conftest import conversations
+from tests.training.test_pages import completed_job, make_job
+from training.models import BaseModel, JobStatus, Preset, TrainingJob
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("demo_stop", ROOT / "bench" / "demo_stop.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["demo_stop"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("127.0.0.1", 8765, "http://127.0.0.1:8765"),
+        ("0.0.0.0", 9000, "http://127.0.0.1:9000"),  # noqa: S104 - a wildcard bind is linked by loopback
+        ("::", 9000, "http://127.0.0.1:9000"),
+        ("crucible.internal", 80, "http://crucible.internal:80"),
+        ("::1", 8000, "http://[::1]:8000"),
+    ],
+)
+def test_public_url_is_the_served_address(host, port, url):
+    assert demo_run.public_url(host, port) == url
+
+
+@pytest.mark.django_db
+def test_demo_setup_loads_the_sample_corpus_once_and_prints_the_real_address():
+    out = StringIO()
+    call_command("demo_setup", "--url", "http://127.0.0.1:8765", stdout=out)
+    text = out.getvalue()
+    assert "http://127.0.0.1:8765/api/v1/me" in text and "127.0.0.1:8000" not in text
+    corpus = Corpus.objects.get(name="Sample: speeches and declarations")
+    assert corpus.record_count == 4 and corpus.status == Corpus.Status.READY
+    assert "loaded now" in text
+    again = StringIO()
+    call_command("demo_setup", "--url", "http://127.0.0.1:8765", stdout=again)
+    assert Corpus.objects.filter(name=corpus.name).count() == 1
+    assert "already loaded" in again.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_demo_job_is_reused_only_when_completed_and_tagged_demo():
+    training_file = training_file_create(
+        name="advisor", upload=io.BytesIO(conversations()), user=None
+    )
+    smollm = BaseModel.objects.get(name="SmolLM2-135M-Instruct")
+    smoke = Preset.objects.get(key="smoke")
+    assert demo_run.demo_job_to_reuse() is None
+    # A failed demo and an untagged job named like one are not reused.
+    make_job(
+        training_file, smollm, smoke, name=demo_run.DEMO_JOB_NAME, tags=["demo"],
+        status=JobStatus.FAILED,
+    )  # fmt: skip
+    completed_job(training_file, smollm, smoke, name="Demo: someone else's run")
+    assert demo_run.demo_job_to_reuse() is None
+    done = completed_job(training_file, smollm, smoke, name=demo_run.DEMO_JOB_NAME)
+    TrainingJob.objects.filter(pk=done.pk).update(tags=["demo"])
+    assert demo_run.demo_job_to_reuse().pk == done.pk
+
+
+@pytest.mark.slow
+def test_stopping_the_demo_with_sigterm_leaves_no_process_behind():
+    """`make demo` (training skipped: it changes nothing about stopping) on a random port,
+    ready with web, both queue workers and beat; a second demo is refused; SIGTERM to make
+    stops every process it started within seconds."""
+    figures = _bench().run(train=False, ready_timeout=300)
+    assert figures["processes"] >= 5  # make's child, runserver, 2 workers (+ pools), beat
+    assert figures["second_refused"], figures.get("output", "")[-2000:]
+    assert figures["left"] == [], figures["left"]
+    assert figures["stop_s"] < 10, figures
+    port = figures["port"]
+    assert f"Dashboard: http://127.0.0.1:{port}/" in figures["banner"]
+    assert f"http://127.0.0.1:{port}/api/v1/me" in figures["banner"]
+    assert "Demo stopped" in figures["output"]
