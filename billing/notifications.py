@@ -14,9 +14,11 @@ import urllib.request
 
 from django.conf import settings
 from django.core.mail import send_mail
+from django.urls import reverse
 
 from billing import conf
 from billing.models import NotificationLog, NotificationPreference
+from config.addresses import absolute_url
 from config.errors import ExternalServiceError
 from config.retry import call_with_retry
 
@@ -105,7 +107,12 @@ def send_email(*, kind: str, subject: str, body: str, recipients: list[str]) -> 
 
 
 def _budgets_url() -> str:
-    return settings.CRUCIBLE_PUBLIC_URL.rstrip("/") + "/budgets/"
+    return absolute_url(reverse("billing:index"))
+
+
+def _job_url(job) -> str:
+    """The job's page on this platform's address (config/addresses.py), built with reverse."""
+    return absolute_url(reverse("training:detail", args=[job.pk]))
 
 
 def budget_alert_notify(*, alert, summary: dict) -> dict:
@@ -149,7 +156,7 @@ def cost_variance_notify(*, job, cost) -> dict:
     body = (
         f"Job {job.name} ({job.pk}) has cost ${cost.accrued:.2f} so far, against an estimate "
         f"of ${cost.estimate_cost} ({cost.variance_pct:+.1f}%). Cancel it from the job page if "
-        "it is running longer than expected."
+        f"it is running longer than expected: {_job_url(job)}"
     )
     recipients = sorted(
         set(admin_recipients())
@@ -159,7 +166,7 @@ def cost_variance_notify(*, job, cost) -> dict:
         "email": send_email(
             kind="cost_variance", subject=subject, body=body, recipients=recipients
         ),
-        "slack": send_slack(kind="cost_variance", text=subject),
+        "slack": send_slack(kind="cost_variance", text=f"{subject}\n{_job_url(job)}"),
     }
 
 
@@ -185,11 +192,11 @@ def job_finished_notify(*, job) -> dict:
         f"{subject[11:]}.\n\nStatus: {job.status}\nCost: ${job.cost_actual:.2f}"
         f"{f' (estimate ${job.cost_estimate})' if job.cost_estimate is not None else ''}\n"
         f"{f'Error: {job.error_message}' if job.error_message else ''}\n"
-        f"{settings.CRUCIBLE_PUBLIC_URL.rstrip('/')}/training/jobs/{job.pk}/"
+        f"{_job_url(job)}"
     )
     result = {}
     if wants_email and user.email:
         result["email"] = send_email(kind=kind, subject=subject, body=body, recipients=[user.email])
     if pref.job_slack:
-        result["slack"] = send_slack(kind=kind, text=subject)
+        result["slack"] = send_slack(kind=kind, text=f"{subject}\n{_job_url(job)}")
     return result

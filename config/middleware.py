@@ -9,6 +9,7 @@ import uuid
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from config.addresses import note_served_address
 from config.logging import bind_context, bind_user, clear_context
 
 access_log = logging.getLogger("crucible.access")
@@ -54,6 +55,7 @@ class RequestIDMiddleware:
         request.request_id = _incoming_request_id(request)
         request.started_at = time.perf_counter()
         bind_context(request_id=request.request_id)
+        note_served_address(request.META)  # where workers' webhooks can reach this server
         try:
             response = _api_envelope_for(request, self.get_response(request))
             response[REQUEST_ID_HEADER] = request.request_id

@@ -66,6 +66,7 @@ class CrucibleCallback(TrainerCallback):
         self.prior_elapsed = float(prior.get("elapsed_seconds", 0.0))
         self.last_train_loss: float | None = prior.get("last_train_loss")
         self.last_val_loss: float | None = prior.get("last_val_loss")
+        self.last_val_step: int | None = prior.get("last_val_step")  # the step it was measured
         self.last_lr: float | None = None
         self.last_grad_norm: float | None = None
         self.epoch: float = 0.0
@@ -175,6 +176,7 @@ class CrucibleCallback(TrainerCallback):
                 self._emit_resume_check(self.last_train_loss)
         if "eval_loss" in logs:
             self.last_val_loss = float(logs["eval_loss"])
+            self.last_val_step = state.global_step
             self._emit_metrics(state.global_step, val_loss=self.last_val_loss, new_window=False)
 
     def on_save(self, args, state, control, **kwargs):
@@ -203,6 +205,7 @@ class CrucibleCallback(TrainerCallback):
             "elapsed_seconds": self.elapsed(),
             "last_train_loss": self.last_train_loss,
             "last_val_loss": self.last_val_loss,
+            "last_val_step": self.last_val_step,
         }
 
     def _emit_resume_check(self, first_loss: float | None) -> None:

@@ -370,10 +370,13 @@ class Worker:
             "eval_tokens": 0,
             "method": perplexity.METHOD,
         }
-        val_loss = self.callback.last_val_loss
+        # One validation loss everywhere: the trainer's eval on the held-out split, the number
+        # the metrics chart plots, with the step it was measured at. The perplexity's own mean
+        # NLL (every held-out token, sliding windows) is a different measure, sent apart.
+        heldout_mean_nll = None
         if windows:
             result = perplexity.baseline_and_trained(trainer.model, windows, trainer.args.device)
-            val_loss = result.pop("_trained_mean_nll")
+            heldout_mean_nll = result.pop("_trained_mean_nll")
             ppl = result
             log.info("perplexity: baseline %.3f -> trained %.3f", ppl["baseline"], ppl["trained"])
 
@@ -398,7 +401,9 @@ class Worker:
                     "global_step": trainer.state.global_step,
                     "epoch": trainer.state.epoch,
                     "train_loss": self.callback.last_train_loss,
-                    "val_loss": val_loss,
+                    "val_loss": self.callback.last_val_loss,
+                    "val_loss_step": self.callback.last_val_step,
+                    "heldout_mean_nll": heldout_mean_nll,
                     "train_runtime_seconds": round(self.callback.elapsed(), 2),
                     "train_tokens": self.callback.train_tokens(),
                 },

@@ -38,6 +38,12 @@ log = logging.getLogger("crucible.worker.webhooks")
 
 RETRYABLE_STATUS = {408, 425, 429}
 
+# Log markers the platform's local executor reads to tell "alive but unheard" from a crash
+# (training/executors/local.py): keep them stable.
+UNREACHABLE_MARK = "platform unreachable"
+REACHABLE_AGAIN_MARK = "platform reachable again"
+REJECTED_MARK = "webhook rejected an event with HTTP"
+
 
 def sign(secret: str, timestamp: str | int, body: bytes | str) -> str:
     """``sha256=`` + hex HMAC-SHA256 of ``f"{timestamp}.{body}"`` with the job's secret."""
@@ -175,6 +181,7 @@ class WebhookEmitter(EventEmitter):
         self.delivered = 0
         self.rejected: list[tuple[str, int]] = []
         self.platform_down = False
+        self.last_failure = ""
         self._load_spool()
         self._thread = threading.Thread(target=self._run, name="crucible-webhooks", daemon=True)
         if start:
@@ -295,8 +302,9 @@ class WebhookEmitter(EventEmitter):
             status, retry_after, detail = self._post(body)
             if status is not None and 200 <= status < 300:
                 return "delivered"
+            self.last_failure = f"HTTP {status}" if status is not None else detail
             if status is not None and 400 <= status < 500 and status not in RETRYABLE_STATUS:
-                log.error("webhook rejected an event with HTTP %s: %s", status, detail[:200])
+                log.error("%s %s: %s", REJECTED_MARK, status, detail[:200])
                 return "rejected"
             if attempt == self.max_attempts or self._stopping.is_set():
                 break
@@ -330,7 +338,8 @@ class WebhookEmitter(EventEmitter):
                         self.rejected.append((body, 0))
                     if self.platform_down:
                         log.info(
-                            "platform reachable again; flushing %d spooled event(s)",
+                            "%s; flushing %d spooled event(s)",
+                            REACHABLE_AGAIN_MARK,
                             len(self._pending),
                         )
                     self.platform_down = False
@@ -339,9 +348,12 @@ class WebhookEmitter(EventEmitter):
                     continue
                 self.platform_down = True
             log.warning(
-                "platform unreachable; %d event(s) spooled in %s",
+                "%s; %d event(s) spooled in %s (%s: %s)",
+                UNREACHABLE_MARK,
                 self.pending_count,
                 self.spool_path,
+                self.url,
+                self.last_failure or "no answer",
             )
             if not self._sleep(self.idle_retry):
                 return

@@ -102,6 +102,26 @@ _SIMPLE = {
         "The worker could not reach storage or the platform.",
         "Retry; the job resumes from its newest checkpoint.",
     ),
+    "PlatformUnreachableError": (
+        "The worker could not reach the platform",
+        "No address of this platform answered, so a worker would not be able to report.",
+        "Set CRUCIBLE_PUBLIC_URL to the address the web server answers on (for example "
+        "http://127.0.0.1:8765 for `make demo PORT=8765`), or leave it unset and start the web "
+        "server first, then retry.",
+    ),
+    "PlatformAddressError": (
+        "RunPod workers cannot reach this platform",
+        "CRUCIBLE_PUBLIC_URL is not an address a RunPod pod can reach.",
+        "Set CRUCIBLE_PUBLIC_URL to this platform's public https address (not 127.0.0.1, "
+        "localhost or a private network address), restart the web server and workers, "
+        "then retry.",
+    ),
+    "WebhookDeliveryError": (
+        "The worker's reports do not reach the platform",
+        "The worker is running but its webhooks cannot be delivered.",
+        "Set CRUCIBLE_PUBLIC_URL to an address the worker can reach (for `make demo`, pass the "
+        "same PORT the server uses: `make demo PORT=8765`), restart the workers, then retry.",
+    ),
     "InterruptionLimitError": (
         "Interrupted too often",
         "The worker stopped unexpectedly more times than the recovery limit allows.",
@@ -161,3 +181,18 @@ class GPUProvisioningError(Exception):
             if spot
             else "Retry in a few minutes, or choose another GPU type."
         )
+
+
+class PlatformAddressError(Exception):
+    """Launch refused because workers could not report to the platform's address.
+
+    ``error_type`` is ``PlatformUnreachableError`` (nothing answers at the address a local
+    worker would use) or ``PlatformAddressError`` (a loopback/private address for a remote
+    worker). Permanent: the job fails at once with the fix.
+    """
+
+    def __init__(self, message: str, *, error_type: str = "PlatformAddressError", url: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+        self.url = url

@@ -8,7 +8,6 @@ import random
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from urllib.parse import urljoin
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
@@ -17,8 +16,10 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from billing import hooks as billing_hooks
+from config import addresses
 from config.errors import Conflict, ExternalServiceError, InvalidInput, NotAuthenticated
 from config.storage import (
+    storage_listdir,
     storage_path_from_uri,
     storage_size,
     storage_uri,
@@ -246,8 +247,22 @@ def _enqueue_launch(job: TrainingJob) -> None:
     transaction.on_commit(lambda: launch_training_job.delay(job_id))
 
 
-def _webhook_url() -> str:
-    return urljoin(settings.CRUCIBLE_PUBLIC_URL.rstrip("/") + "/", "api/v1/training/webhook")
+WEBHOOK_PATH = "api/v1/training/webhook"  # gpu/PROTOCOL.md section 4
+
+
+def training_webhook_url(*, executor: str) -> str:
+    """Where a worker of ``executor`` sends its events.
+
+    ``CRUCIBLE_PUBLIC_URL`` wins when set. A local worker otherwise gets the newest address
+    a web process of this installation answers on (probed; see config/addresses.py). The
+    executors refuse an address their worker cannot use (local: nothing answers at it;
+    RunPod: loopback or private) with a typed PlatformAddressError.
+    """
+    base = addresses.explicit_public_url()
+    if not base and executor == TrainingJob.Executor.LOCAL:
+        base = addresses.local_worker_base_url() or ""
+    base = base or addresses.public_base_url()
+    return f"{base}/{WEBHOOK_PATH}"
 
 
 def job_output_path(job: TrainingJob) -> str:
@@ -278,7 +293,10 @@ def training_job_spec(*, job: TrainingJob) -> tuple[dict, dict]:
         "heartbeat_seconds": job.configuration["heartbeat_seconds"],
         "device": "auto",
         "output": {"uri": storage_uri(job_output_path(job)), **storage_options},
-        "webhook": {"url": _webhook_url(), "secret": job.webhook_secret},
+        "webhook": {
+            "url": training_webhook_url(executor=job.executor),
+            "secret": job.webhook_secret,
+        },
         "resume": True,
     }
     if settings.HF_TOKEN and base.source == BaseModel.Source.HUB:
@@ -348,6 +366,10 @@ def _start_worker(job: TrainingJob) -> TrainingJob:
     except training_errors.GPUProvisioningError as exc:
         details = {"gpu_type": exc.gpu_type, "spot": exc.spot, "suggestion": exc.suggestion}
         return _launch_later(job, exc.error_type, exc.message, details)
+    except training_errors.PlatformAddressError as exc:
+        # A worker that cannot report would train unseen and be "recovered" as if crashed.
+        logger.warning("launch of job %s refused: %s", job.pk, exc.message)
+        return _fail(job, exc.error_type, exc.message, {"url": exc.url})
     except ExternalServiceError as exc:
         if exc.transient:  # the provider's or the network's fault: not the job's
             return _launch_later(job, "NetworkError", exc.message, {"service": exc.service})
@@ -620,15 +642,25 @@ def _recover(job: TrainingJob, *, reason: str) -> TrainingJob:
     return job
 
 
-def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
-    """Compare every running job with its executor; recover interruptions, detect silence."""
+def training_jobs_reconcile(
+    *, now: datetime | None = None, job_ids: Iterable | None = None
+) -> dict:
+    """Compare every running job with its executor; recover interruptions, detect silence.
+
+    ``job_ids`` limits the pass to those jobs (the ``train`` command watches only its own and
+    leaves the rest, billing and the orphan pods to the scheduler's reconcile).
+    """
     now = now or timezone.now()
-    summary = {"checked": 0, "recovered": 0, "killed": 0}
-    billing_hooks.accrue(now=now)
+    summary = {"checked": 0, "recovered": 0, "killed": 0, "undeliverable": 0}
+    jobs = TrainingJob.objects.all()
+    if job_ids is not None:
+        jobs = jobs.filter(pk__in=[str(i) for i in job_ids])
+    else:
+        billing_hooks.accrue(now=now)
     grace = timedelta(seconds=settings.TRAINING_CANCEL_GRACE_S)
     # Cancelled jobs whose worker ignores SIGTERM get killed after the grace period.
     for job in (
-        TrainingJob.objects.filter(status=S.CANCELLED, cancel_requested_at__lt=now - grace)
+        jobs.filter(status=S.CANCELLED, cancel_requested_at__lt=now - grace)
         .exclude(executor_ref="")
         .exclude(executor=TrainingJob.Executor.RUNPOD)  # terminated by the pod release below
     ):
@@ -637,7 +669,8 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
             executor.cancel(ref=job.executor_ref, force=True)
             summary["killed"] += 1
     heartbeat_timeout = timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S)
-    for job in TrainingJob.objects.running().exclude(executor_ref="").exclude(status=S.RECOVERING):
+    running = jobs.filter(status__in=RUNNING_STATUSES).exclude(executor_ref="")
+    for job in running.exclude(status=S.RECOVERING):
         summary["checked"] += 1
         executor = get_executor(job.executor)
         status = executor.status(ref=job.executor_ref)
@@ -659,6 +692,12 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
                     job, fallback[code], f"The worker exited with code {code} before reporting.", {}
                 )
                 continue
+            # Exited without one event ever arriving: its address was wrong from the start.
+            problem = _delivery_problem(executor, job) if job.last_event_at is None else ""
+            if problem:
+                _fail_undeliverable(job, problem)
+                summary["undeliverable"] += 1
+                continue
             _recover(
                 job,
                 reason=f"worker {status.state.value} without a completed or error event "
@@ -667,6 +706,13 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
             summary["recovered"] += 1
         elif job.last_heartbeat_at and now - job.last_heartbeat_at > heartbeat_timeout:
             executor.cancel(ref=job.executor_ref, force=True)
+            problem = _delivery_problem(executor, job)
+            if problem:
+                # Alive and working, but unheard: a wrong address, not a crash. Relaunching
+                # it with the same address would only repeat this.
+                _fail_undeliverable(job, problem)
+                summary["undeliverable"] += 1
+                continue
             _recover(
                 job,
                 reason=f"no heartbeat for {int((now - job.last_heartbeat_at).total_seconds())} s",
@@ -674,24 +720,45 @@ def training_jobs_reconcile(*, now: datetime | None = None) -> dict:
             summary["recovered"] += 1
     # A launch whose process died between claiming the job and storing the handle: try again
     # (a pod it may have created has no owner and is terminated by the orphan sweep).
-    TrainingJob.objects.filter(
+    jobs.filter(
         status=S.PROVISIONING,
         executor_ref="",
         launch_retry_at__isnull=True,
         updated_at__lt=now - timedelta(seconds=settings.TRAINING_HEARTBEAT_TIMEOUT_S),
     ).update(launch_retry_at=now)
     summary["launch_retries"] = 0
-    for job in TrainingJob.objects.filter(
-        status=S.PROVISIONING, executor_ref="", launch_retry_at__lte=now
-    ):
+    for job in jobs.filter(status=S.PROVISIONING, executor_ref="", launch_retry_at__lte=now):
         _enqueue_launch_retry(job)
         summary["launch_retries"] += 1
     # Pods of ended jobs and of earlier attempts (a preempted spot pod stays "stopped" and
     # bills for its storage until terminated).
-    summary["pods_released"] = len(
-        _release_pods(TrainingPod.objects.filter(terminated_at__isnull=True).select_related("job"))
-    )
+    pods = TrainingPod.objects.filter(terminated_at__isnull=True)
+    if job_ids is not None:
+        pods = pods.filter(job__in=jobs)
+    summary["pods_released"] = len(_release_pods(pods.select_related("job")))
     return summary
+
+
+def _delivery_problem(executor, job: TrainingJob) -> str:
+    """What the executor knows about the worker's webhooks failing ("" when nothing)."""
+    check = getattr(executor, "delivery_problem", None)
+    if check is None:
+        return ""
+    try:
+        return check(job_id=str(job.pk), attempt=job.attempt) or ""
+    except Exception as exc:  # a diagnosis must never stop the reconcile
+        logger.warning("could not check webhook delivery of job %s: %s", job.pk, exc)
+        return ""
+
+
+def _fail_undeliverable(job: TrainingJob, problem: str) -> TrainingJob:
+    return _fail(
+        job,
+        "WebhookDeliveryError",
+        f"The worker ran, but its reports could not be delivered: {problem}. "
+        "It was stopped instead of being restarted with the same address.",
+        {"problem": problem},
+    )
 
 
 # --- Webhook events --------------------------------------------------------------------------
@@ -794,7 +861,10 @@ def _on_metrics(job: TrainingJob, data: dict) -> None:
     if not created and values:
         MetricPoint.objects.filter(pk=point.pk).update(**values)
     total = data.get("total_steps") or job.total_steps
-    updates = {"latest_metrics": {**job.latest_metrics, **values, "step": step}}
+    latest = {**job.latest_metrics, **values, "step": step}
+    if values.get("val_loss") is not None:
+        latest["val_loss_step"] = step  # the validation loss is labelled with its own step
+    updates = {"latest_metrics": latest}
     if step >= job.current_step:
         updates |= {
             "current_step": step,
@@ -850,13 +920,23 @@ def _on_stopped(job: TrainingJob, data: dict) -> None:
         _transition(job, S.CANCELLED, reason="worker stopped after cancel")
 
 
+def _storage_tree_size(path: str) -> int:
+    """Bytes under ``path``: one file's size, or every file's below a folder (the adapter)."""
+    folders, files = storage_listdir(path)
+    if not folders and not files:
+        return storage_size(path)
+    total = sum(storage_size(f"{path}/{name}") for name in files)
+    return total + sum(_storage_tree_size(f"{path}/{name}") for name in folders)
+
+
 def _artifact(job: TrainingJob, kind: str, uri: str | None) -> None:
     if not uri:
         return
     path = storage_path_from_uri(uri)
     try:
-        size = storage_size(path) if kind != Artifact.Kind.ADAPTER else 0
+        size = _storage_tree_size(path) if kind == Artifact.Kind.ADAPTER else storage_size(path)
     except (OSError, NotImplementedError):
+        logger.warning("could not measure artifact %s of job %s", path, job.pk)
         size = 0
     Artifact.objects.update_or_create(
         job=job, kind=kind, defaults={"storage_path": path, "size_bytes": size}
@@ -869,18 +949,23 @@ def _on_completed(job: TrainingJob, data: dict) -> None:
     _artifact(job, Artifact.Kind.METRICS_JSON, artifacts.get("metrics_json_uri"))
     _artifact(job, Artifact.Kind.METRICS_CSV, artifacts.get("metrics_csv_uri"))
     _artifact(job, Artifact.Kind.CONFIG, artifacts.get("config_uri"))
-    final = data.get("final_metrics") or {}
+    final = dict(data.get("final_metrics") or {})
     ppl = data.get("perplexity") or {}
     step = final.get("global_step") or job.current_step
+    val_loss, val_step = training_job_validation_loss(job=job, final=final)
+    final |= {"val_loss": val_loss, "val_loss_step": val_step}
+    latest = {**job.latest_metrics, "perplexity": ppl, "final": final}
+    if val_loss is not None:
+        latest |= {"val_loss": val_loss, "val_loss_step": val_step}
     fields = {
         "final_train_loss": final.get("train_loss"),
-        "final_val_loss": final.get("val_loss"),
+        "final_val_loss": val_loss,
         "perplexity_baseline": ppl.get("baseline"),
         "perplexity_trained": ppl.get("trained"),
         "current_step": step,
         "progress": 100.0,
         "eta_seconds": 0,
-        "latest_metrics": {**job.latest_metrics, "perplexity": ppl, "final": final},
+        "latest_metrics": latest,
     }
     if job.status == S.CANCELLED:
         return
@@ -892,6 +977,26 @@ def _on_completed(job: TrainingJob, data: dict) -> None:
     from evaluation.services import validation_on_job_completed
 
     validation_on_job_completed(job=job)  # enqueued on commit; never raises
+
+
+def training_job_validation_loss(
+    *, job: TrainingJob, final: dict | None = None
+) -> tuple[float | None, int | None]:
+    """The job's validation loss and the step it was measured at: the last evaluation on the
+    held-out split (the chart's last point). One definition for the results, the metrics card,
+    the compare page and the API; the worker's own final value only when no point has one."""
+    point = (
+        MetricPoint.objects.filter(job=job, val_loss__isnull=False)
+        .order_by("-step")
+        .values_list("val_loss", "step")
+        .first()
+    )
+    if point is not None:
+        return point[0], point[1]
+    final = final or {}
+    if final.get("val_loss") is None:
+        return None, None
+    return final["val_loss"], final.get("val_loss_step") or final.get("global_step")
 
 
 def _on_heartbeat(job: TrainingJob, data: dict) -> None:
@@ -1125,7 +1230,7 @@ def job_template_start(
 # Compare: (key, label, lower_is_better or None when there is no "best")
 COMPARE_METRICS = [
     ("final_train_loss", "Final train loss", True),
-    ("final_val_loss", "Final validation loss", True),
+    ("final_val_loss", "Validation loss (last evaluation)", True),
     ("perplexity_baseline", "Perplexity before", None),
     ("perplexity_trained", "Perplexity after", True),
     ("perplexity_improvement_pct", "Perplexity improvement (%)", False),

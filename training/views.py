@@ -70,8 +70,8 @@ STAGE_ORDER = [
 DATASET_FIELDS = [
     ("conversations", "Conversations"),
     ("train_conversations", "Training conversations"),
-    ("val_conversations", "Validation conversations"),
-    ("train_examples", "Training examples"),
+    ("val_conversations", "Validation conversations (held out)"),
+    ("train_examples", "Training examples (1 per conversation)"),
     ("train_tokens", "Training tokens"),
     ("val_tokens", "Validation tokens"),
     ("truncated_examples", "Truncated examples"),
@@ -403,14 +403,25 @@ def _timeline(job: TrainingJob, now: datetime) -> list[dict]:
     return entries
 
 
+def _loss(value) -> str:
+    """A loss with 4 decimals: the same digits on the results, the card and the chart."""
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _val_loss_label(step) -> str:
+    if step is None:
+        return "Validation loss (held-out split)"
+    return f"Validation loss (step {step:,}, held-out split)"
+
+
 def _latest_metrics(job: TrainingJob) -> list[tuple[str, str]]:
     m = job.latest_metrics or {}
     memory = m.get("gpu_memory_mb")
     rows = [
         ("Step", _number(m.get("step"))),
         ("Epoch", f"{m['epoch']:.2f}" if m.get("epoch") is not None else "—"),
-        ("Train loss", _number(m.get("train_loss"))),
-        ("Validation loss", _number(m.get("val_loss"))),
+        ("Train loss", _loss(m.get("train_loss"))),
+        (_val_loss_label(m.get("val_loss_step")), _loss(m.get("val_loss"))),
         ("Learning rate", _number(m.get("learning_rate"))),
         ("Grad norm", _number(m.get("grad_norm"))),
         (
@@ -475,7 +486,10 @@ def _results(job: TrainingJob) -> dict | None:
             word = "improvement" if pct >= 0 else "worse"
             summary += f" ({abs(pct):.0f}% {word})"
     check = job.resume_check or {}
+    val_step = (job.latest_metrics or {}).get("val_loss_step")
     return {
+        "val_loss": job.final_val_loss,
+        "val_loss_label": _val_loss_label(val_step),
         "baseline": base,
         "trained": trained,
         "pct": pct,
@@ -566,6 +580,23 @@ def _dataset(job: TrainingJob) -> list[tuple[str, str]]:
     return [(label, _number(report[k])) for k, label in DATASET_FIELDS if k in report]
 
 
+def dataset_summary(job: TrainingJob) -> str:
+    """The file's counts and the job's split in one set of units, e.g. "45 conversations
+    (120 assistant turns); 36 for training, 9 held out for validation"."""
+    report = job.dataset_report or {}
+    file = job.training_file
+    conversations = report.get("conversations", file.conversation_count)
+    text = f"{conversations:,} conversation{'s' if conversations != 1 else ''}"
+    if file.pair_count:
+        text += f" ({file.pair_count:,} assistant turn{'s' if file.pair_count != 1 else ''})"
+    if "train_conversations" in report:
+        text += (
+            f"; {report['train_conversations']:,} for training, "
+            f"{report.get('val_conversations', 0):,} held out for validation"
+        )
+    return text
+
+
 def _cost(job: TrainingJob) -> dict:
     """Cost so far against the estimate (billing's figures), for the status card."""
     try:
@@ -621,6 +652,7 @@ def detail(request: HttpRequest, job_id) -> HttpResponse:
                     "oob": True,
                     "timeline": _timeline(job, now),
                     "dataset": _dataset(job),
+                    "dataset_summary": dataset_summary(job),
                     "events": _events(job, event_type),
                     "event_type": event_type,
                 }
@@ -683,6 +715,7 @@ def _detail_page(
         "results": _results(job),
         "config": _configuration(job),
         "dataset": _dataset(job),
+        "dataset_summary": dataset_summary(job),
         "recoveries": list(job.recoveries.all()),
         "retries": list(job.retries.all()),
         "artifacts": artifacts,

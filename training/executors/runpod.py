@@ -34,9 +34,10 @@ from django.utils.text import slugify
 from runpod import error as runpod_error
 from runpod.api.graphql import run_graphql_query
 
+from config.addresses import explicit_public_url, is_private_address
 from config.errors import ExternalServiceError
 from config.retry import call_with_retry
-from training.errors import GPUProvisioningError
+from training.errors import GPUProvisioningError, PlatformAddressError
 from training.executors.base import ExecutorState, ExecutorStatus
 
 logger = logging.getLogger("crucible.training.runpod")
@@ -336,6 +337,17 @@ class RunPodExecutor:
                 "checkpoints and adapters go to S3.",
                 service=SERVICE,
                 transient=False,
+            )
+        webhook = (spec.get("webhook") or {}).get("url") or ""
+        if is_private_address(webhook) and not _is_loopback(settings.RUNPOD_API_BASE_URL):
+            # A pod elsewhere cannot reach it: the job would train unheard and be "recovered".
+            base = webhook.split("/api/v1/", 1)[0]
+            raise PlatformAddressError(
+                f"RunPod workers report to {base}, a loopback or private address they cannot "
+                "reach"
+                + ("" if explicit_public_url() else " (CRUCIBLE_PUBLIC_URL is not set)")
+                + ": set CRUCIBLE_PUBLIC_URL to this platform's public address.",
+                url=base,
             )
         wanted = job.gpu_type or billing_conf.runpod_gpu_type()
         spot = job.spot_for_next_launch

@@ -5,7 +5,8 @@
 
 Following needs no web server or Celery worker: the command serves the platform's webhook
 endpoint itself on a loopback port, launches the worker in this process, and runs the
-same reconcile step as the scheduler (so an interrupted worker is resumed here too).
+same reconcile step as the scheduler for its own job only (so an interrupted worker is
+resumed here too); every other job is left to the scheduler.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         source = parser.add_mutually_exclusive_group(required=True)
         source.add_argument(
-            "--file", help="A JSONL training file to upload (reused if already uploaded)"
+            "--file",
+            help="A JSONL training file to upload (your own earlier upload of the same content "
+            "is reused)",
         )
         source.add_argument("--training-file", help="ID of an uploaded training file")
         parser.add_argument(
@@ -138,17 +141,28 @@ class Command(BaseCommand):
         import hashlib
 
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        existing = TrainingFile.objects.filter(sha256=digest).order_by("-created_at").first()
+        # Only the caller's own upload of the same bytes: another person's file (another
+        # name, maybe deleted or renamed later) is never borrowed silently.
+        existing = (
+            TrainingFile.objects.ready()
+            .filter(sha256=digest, uploaded_by=user)
+            .order_by("-created_at")
+            .first()
+        )
         if existing:
-            self.stdout.write(f"Using training file {existing.name} ({existing.pk}).")
+            owner = user.get_username() if user else "no user (uploaded from the shell)"
+            self.stdout.write(
+                f"Using training file '{existing.name}' ({existing.pk}) uploaded by {owner} on "
+                f"{existing.created_at:%Y-%m-%d %H:%M}: same content as {path.name}."
+            )
             return existing
         with path.open("rb") as handle:
             created = training_file_create(
                 name=path.stem, upload=handle, user=user, filename=path.name
             )
         self.stdout.write(
-            f"Uploaded {path.name}: {created.conversation_count} conversations, "
-            f"{created.pair_count} training pairs."
+            f"Uploaded {path.name} as training file '{created.name}' ({created.pk}): "
+            f"{created.conversation_count} conversations ({created.pair_count} assistant turns)."
         )
         return created
 
@@ -180,7 +194,9 @@ class Command(BaseCommand):
                 if job.is_terminal:
                     return job
                 if time.monotonic() - last_reconcile > RECONCILE_EVERY_S:
-                    services.training_jobs_reconcile()
+                    # Only this job: the others belong to the scheduler's reconcile (and a
+                    # relaunch from here would point their workers at this temporary port).
+                    services.training_jobs_reconcile(job_ids=[job.pk])
                     last_reconcile = time.monotonic()
                 if time.monotonic() - started > timeout:
                     raise CommandError(f"Still {job.status} after {timeout} s; the job goes on.")
