@@ -159,6 +159,7 @@ def _register_routers() -> None:
     from config.api_routes import router as core_router
     from corpora.api import router as corpora_router
     from evaluation.api import router as evaluation_router
+    from jobs.api import router as gateway_router
     from training.api import router as training_router
     from training.api_tools import router as training_tools_router
 
@@ -168,6 +169,7 @@ def _register_routers() -> None:
     api.add_router("", training_tools_router)
     api.add_router("", billing_router)
     api.add_router("", evaluation_router)
+    api.add_router("", gateway_router)
 
 
 _register_routers()

@@ -105,11 +105,36 @@ def providers() -> dict:
     return {"runpod": runpod}
 
 
+# Status of parts that apps own (config imports no app): an app registers a function in its
+# AppConfig.ready(), e.g. the model gateway's circuit breakers. Shown on /readyz and the
+# dashboard; like ``providers()``, an outside service's trouble never makes this process unready.
+STATUS_SOURCES: dict[str, Callable[[], dict]] = {}
+
+
+def register_status(name: str, fn: Callable[[], dict]) -> None:
+    """Show ``fn()`` (a JSON-able dict, cheap: no outside calls) under ``components[name]``."""
+    STATUS_SOURCES[name] = fn
+
+
+def _component(fn: Callable[[], dict]) -> dict:
+    try:
+        return fn()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def readiness(timeout: float = CHECK_TIMEOUT_S) -> dict:
-    pool = ThreadPoolExecutor(max_workers=len(CHECKS), thread_name_prefix="readyz")
+    pool = ThreadPoolExecutor(
+        max_workers=len(CHECKS) + len(STATUS_SOURCES), thread_name_prefix="readyz"
+    )
     futures = {name: pool.submit(_timed, fn) for name, fn in CHECKS.items()}
-    wait(futures.values(), timeout=timeout)
+    parts = {name: pool.submit(_component, fn) for name, fn in STATUS_SOURCES.items()}
+    wait([*futures.values(), *parts.values()], timeout=timeout)
     pool.shutdown(wait=False, cancel_futures=True)
+    components = {
+        name: future.result() if future.done() else {"error": f"no answer within {timeout:g} s"}
+        for name, future in parts.items()
+    }
     checks = {}
     for name, future in futures.items():
         if future.done():
@@ -126,4 +151,5 @@ def readiness(timeout: float = CHECK_TIMEOUT_S) -> dict:
         "degraded": degraded,
         "checks": checks,
         "providers": providers(),
+        "components": components,
     }

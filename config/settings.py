@@ -228,6 +228,7 @@ CELERY_TASK_ROUTES = {
     "evaluation.tasks.execute_validation_run": {"queue": "long"},
     "corpora.tasks.export_run": {"queue": "long"},
     "training.tasks.run_playground": {"queue": "long"},
+    "jobs.tasks.refresh_gateway_models": {"queue": "control"},
 }
 # A long task that holds a status row writes a heartbeat while it works (at least every
 # LONG_TASK_HEARTBEAT_S); a running row whose heartbeat is older than LONG_TASK_STALE_AFTER_S
@@ -252,6 +253,10 @@ CELERY_BEAT_SCHEDULE = {
     "refresh-gpu-prices": {
         "task": "billing.tasks.refresh_gpu_prices",
         "schedule": crontab(minute=0),
+    },
+    "refresh-gateway-models": {
+        "task": "jobs.tasks.refresh_gateway_models",
+        "schedule": crontab(minute=30),
     },
     "purge-expired-task-results": {
         "task": "celery.backend_cleanup",

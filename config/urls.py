@@ -23,6 +23,7 @@ urlpatterns = [
     path("training/", include("training.urls")),
     path("evaluations/", include("evaluation.urls")),
     path("budgets/", include("billing.urls")),
+    path("settings/", include("jobs.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
 ]
