@@ -342,6 +342,7 @@ class TrainingFileReport(JsonlReport):
             if quality
             else None,
             "preview": self.preview,
+            "derived_ids": self.derived_ids,
         }
 
 
