@@ -920,7 +920,7 @@ def _review(form: NewJobForm) -> dict:
 
 
 def _template_initial(request: HttpRequest) -> dict:
-    """Initial values from ``?template=<id>`` or ``?from_job=<id>`` (a prefilled form)."""
+    """Initial values from ``?template=<id>``, ``?from_job=<id>`` or ``?training_file=<id>``."""
     initial: dict = {}
     source = None
     if template_id := request.GET.get("template", "").strip():
@@ -945,8 +945,14 @@ def _template_initial(request: HttpRequest) -> dict:
                 "description": source.description,
             }
     if source is None:
-        newest = TrainingFile.objects.ready().order_by("-created_at").first()
-        return {"training_file": newest.pk} if newest else {}
+        chosen = None
+        if file_id := request.GET.get("training_file", "").strip():  # "Train on this file"
+            try:
+                chosen = TrainingFile.objects.filter(pk=uuid.UUID(file_id)).first()
+            except ValueError:
+                chosen = None
+        chosen = chosen or TrainingFile.objects.ready().order_by("-created_at").first()
+        return {"training_file": chosen.pk} if chosen else {}
     overrides = getattr(source, "overrides", None)
     if overrides is None:  # a job: its resolved configuration against its preset
         preset_hp = source.preset.hyperparameters if source.preset else {}
