@@ -481,7 +481,7 @@ def _results(job: TrainingJob) -> dict | None:
     pct = job.perplexity_improvement_pct
     summary = ""
     if base is not None and trained is not None:
-        summary = f"Perplexity: {base:.1f} -> {trained:.1f}"
+        summary = f"Perplexity: {base:.1f} → {trained:.1f}"
         if pct is not None:
             word = "improvement" if pct >= 0 else "worse"
             summary += f" ({abs(pct):.0f}% {word})"
@@ -556,7 +556,7 @@ def _event_summary(kind: str, data: dict) -> str:
     if kind == "completed":
         ppl = data.get("perplexity") or {}
         if ppl.get("baseline") and ppl.get("trained"):
-            return f"perplexity {ppl['baseline']:.1f} -> {ppl['trained']:.1f}"
+            return f"perplexity {ppl['baseline']:.1f} → {ppl['trained']:.1f}"
     if kind == "stopped":
         return str(data.get("reason", ""))
     return ""

@@ -38,3 +38,29 @@ def test_budgets_page_refuses_a_post():
     response = client.post("/budgets/", {"budget": "1"})
     assert response.status_code == 405
     assert "GET" in response["Allow"]
+
+
+def test_label_and_arrow_filters():
+    from config.templatetags.crucible import arrows, label
+
+    assert label("needs_approval") == "Needs approval"
+    assert label("completed") == "Completed"
+    assert label("GPU type") == "GPU type"
+    assert label(None) == ""
+    assert arrows("Perplexity: 24.5 -> 16.8 (31% improvement)") == (
+        "Perplexity: 24.5 → 16.8 (31% improvement)"
+    )
+    assert arrows("a->b") == "a → b"
+
+
+@pytest.mark.django_db
+def test_pages_use_one_arrow_and_capitalised_status_labels(training_file, smollm, smoke):
+    client, _ = signed_in(Role.VIEWER)
+    a = completed_job(training_file, smollm, smoke, name="Run A")
+    b = completed_job(training_file, smollm, smoke, name="Run B")
+    detail = client.get(f"/training/{a.pk}/").content.decode()
+    assert "→" in detail and " -&gt; " not in detail and " -> " not in detail
+    compare = client.get(f"/training/compare/?jobs={a.pk}&jobs={b.pk}").content.decode()
+    assert ">Completed</span>" in compare and ">completed</span>" not in compare
+    budgets = client.get("/budgets/").content.decode()
+    assert ">completed</span>" not in budgets
