@@ -378,21 +378,17 @@ EVALUATION_SEED = env.int("EVALUATION_SEED", default=1234)
 # Bootstrap resamples behind every interval.
 EVALUATION_BOOTSTRAP = env.int("EVALUATION_BOOTSTRAP", default=2000)
 # Which judge scores the rubrics: "offline" (the base model, by digit likelihoods), "endpoint"
-# (MODEL_GATEWAY_URL, or the Hugging Face router with HF_TOKEN) or "none" (humans only).
+# (EVALUATION_JUDGE_MODEL through the model gateway) or "none" (humans only).
 EVALUATION_JUDGE = env.str("EVALUATION_JUDGE", default="offline")
 # A validation run is one long task (model loads, generation, scoring).
 EVALUATION_TASK_TIME_LIMIT = env.int("EVALUATION_TASK_TIME_LIMIT", default=4 * 3600)
 # torch CPU threads for a run (0 = torch's default; 1 is fastest on a busy shared CPU).
 EVALUATION_TORCH_THREADS = env.int("EVALUATION_TORCH_THREADS", default=0)
-# The LLM endpoint of jobs/model_client.py: any OpenAI-compatible base URL; empty with HF_TOKEN
-# set = the Hugging Face router; both empty = the offline model answers.
-MODEL_GATEWAY_URL = env.str("MODEL_GATEWAY_URL", default="")
-MODEL_GATEWAY_API_KEY = env.str("MODEL_GATEWAY_API_KEY", default="")
-MODEL_GATEWAY_MODEL = env.str("MODEL_GATEWAY_MODEL", default="meta-llama/Llama-3.1-8B-Instruct")
-MODEL_GATEWAY_TIMEOUT_S = env.float("MODEL_GATEWAY_TIMEOUT_S", default=60.0)
-MODEL_GATEWAY_ATTEMPTS = env.int("MODEL_GATEWAY_ATTEMPTS", default=4)
-# USD per 1,000 tokens, for the cost ledger (0 = not billed).
-MODEL_GATEWAY_PRICE_PER_1K_TOKENS = env.float("MODEL_GATEWAY_PRICE_PER_1K_TOKENS", default=0.0)
+# The judge model of EVALUATION_JUDGE=endpoint: a model gateway registry key
+# ("<provider>/<model id>"), called through jobs.gateway (settings page: /settings/models/).
+EVALUATION_JUDGE_MODEL = env.str(
+    "EVALUATION_JUDGE_MODEL", default="hf-router/meta-llama/Llama-3.1-8B-Instruct"
+)
 
 # --- Internationalisation ---------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

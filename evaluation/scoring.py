@@ -432,6 +432,97 @@ def judge_offline(models: Models, *, rubric: dict | list, prompt: str, response:
     return {d["key"]: int(last[i].argmax().item()) + 1 for i, d in enumerate(dimensions)}
 
 
+# --- The judge through the model gateway (any registered chat model) --------------------------
+
+
+def _dimension_key(dimension: dict) -> str:
+    return dimension.get("key") or dimension["name"]
+
+
+def judge_messages(*, dimensions: list[dict], prompt: str, response: str) -> list[dict]:
+    """The chat asking a judge model for 1-5 scores on every criterion, as one JSON object."""
+    lines = []
+    for dim in dimensions:
+        anchors = dim.get("anchors") or {}
+        anchor_text = "; ".join(f"{k} = {v}" for k, v in sorted(anchors.items()))
+        lines.append(
+            f"- {_dimension_key(dim)} ({dim.get('name', _dimension_key(dim))}): "
+            f"{dim.get('description', '')}" + (f" ({anchor_text})" if anchor_text else "")
+        )
+    names = ", ".join(f'"{_dimension_key(d)}"' for d in dimensions)
+    system = (
+        "You are a strict evaluator of a financial advisor's replies. Score the reply on each "
+        "criterion from 1 (poor) to 5 (excellent). Answer with one JSON object and nothing else, "
+        f"with the integer keys {names}."
+    )
+    user = (
+        "Criteria:\n"
+        + "\n".join(lines)
+        + f"\n\nClient message:\n{prompt}\n\nAdvisor reply:\n{response}\n\nJSON scores:"
+    )
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+class JudgeAnswerError(ValueError):
+    """The judge model answered, but not with usable scores (permanent: retrying the same
+    request at temperature 0 gives the same answer)."""
+
+
+def parse_scores(text: str, names: list[str]) -> dict[str, int]:
+    """The first JSON object in ``text`` with an integer 1-5 for every name."""
+    import json
+    import re
+
+    match = re.search(r"\{.*?\}", text, flags=re.DOTALL)
+    if not match:
+        raise JudgeAnswerError(f"The judge did not answer with JSON scores: {text[:200]!r}")
+    try:
+        data = json.loads(match.group(0))
+        scores = {name: int(data[name]) for name in names}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise JudgeAnswerError(
+            f"The judge's scores are incomplete or not integers: {match.group(0)[:200]!r}"
+        ) from exc
+    bad = {k: v for k, v in scores.items() if not 1 <= v <= 5}
+    if bad:
+        raise JudgeAnswerError(f"The judge gave scores outside 1-5: {bad}")
+    return scores
+
+
+JUDGE_MAX_TOKENS = 200
+
+
+def judge_with_gateway(
+    *, model: str, dimensions: list[dict], prompt: str, response: str, caller
+) -> tuple[dict[str, int], dict]:
+    """(scores, raw) from a registered chat model, one ``jobs.gateway.chat`` call at
+    temperature 0 (retries, breaker, rate limits, cache, budget and the ledger row with the
+    caller's feature and subject are the gateway's). Gateway errors propagate typed."""
+    from jobs import gateway
+
+    result = gateway.chat(
+        model=model,
+        request={
+            "messages": judge_messages(dimensions=dimensions, prompt=prompt, response=response),
+            "max_tokens": JUDGE_MAX_TOKENS,
+            "temperature": 0,
+        },
+        caller=caller,
+        interactive=False,  # a background run waits for the rate limit instead of failing
+    )
+    scores = parse_scores(result.text, [_dimension_key(d) for d in dimensions])
+    meta = result.meta
+    raw = {
+        "text": result.text[:2000],
+        "model": model,
+        "tokens": meta.prompt_tokens + meta.completion_tokens,
+        "cost": str(meta.cost),
+        "cached": meta.cached,
+        "request_id": meta.request_id,
+    }
+    return scores, raw
+
+
 __all__ = [
     "IGNORE",
     "METHODS",
@@ -441,8 +532,11 @@ __all__ = [
     "adapter",
     "document_nll",
     "generate",
+    "judge_messages",
     "judge_offline",
+    "judge_with_gateway",
     "load_models",
     "mcq_correct",
     "option_logliks",
+    "parse_scores",
 ]

@@ -585,13 +585,15 @@ def _generate_all(run: ValidationRun, suites: dict, models, decoding: dict, seed
             )
 
 
-def _judge_name(run: ValidationRun) -> tuple[str, object]:
-    """(judge name, endpoint client or None for the offline model)."""
-    from jobs.model_client import model_client
+def _judge_name(run: ValidationRun) -> tuple[str, str | None]:
+    """(judge name, the gateway model key; None for the offline digit-likelihood judge).
 
-    client = model_client()
-    if settings.EVALUATION_JUDGE == "endpoint" and client.configured:
-        return client.model, client
+    ``endpoint``: EVALUATION_JUDGE_MODEL, any registered chat model, called through the model
+    gateway. ``offline``: the run's own loaded base model scores by next-token digit
+    likelihoods in process (it needs logits, which chat completions do not give, and reuses
+    the weights already loaded for the run instead of loading them again)."""
+    if settings.EVALUATION_JUDGE == "endpoint":
+        return settings.EVALUATION_JUDGE_MODEL, settings.EVALUATION_JUDGE_MODEL
     return f"offline:{run.job.base_model.name}", None
 
 
@@ -599,11 +601,12 @@ def _judge_all(run: ValidationRun, suites: dict, models) -> None:
     """Judge scores for every response not yet judged by this judge, stored in small batches
     (a resumed run judges only what is left)."""
     from evaluation import scoring
-    from jobs.model_client import judge_with_endpoint
+    from jobs import gateway
 
     if settings.EVALUATION_JUDGE == "none":
         return
-    judge, client = _judge_name(run)
+    judge, judge_model = _judge_name(run)
+    caller = gateway.Caller(feature="judge", subject=run, attribution=f"validation {run.pk}")
     responses = list(
         GeneratedResponse.objects.filter(run=run)
         .exclude(judge_scores__judge=judge)
@@ -619,14 +622,13 @@ def _judge_all(run: ValidationRun, suites: dict, models) -> None:
 
     for response in responses:
         suite = suites[response.suite]
-        if client is not None:
-            scores, raw = judge_with_endpoint(
-                client,
+        if judge_model is not None:
+            scores, raw = scoring.judge_with_gateway(
+                model=judge_model,
                 dimensions=_dimensions(suite),
                 prompt=response.prompt,
                 response=response.text,
-                subject=run.job,
-                attribution=f"validation {run.pk}",
+                caller=caller,
             )
         else:
             scores = scoring.judge_offline(
