@@ -434,3 +434,15 @@ LOGGING = {
     },
 }
 CSRF_FAILURE_VIEW = "config.views.csrf_failure"
+
+# --- Model gateway (jobs/gateway/) -----------------------------------------------------------
+# The tunables live in GatewaySettings (the settings page); GATEWAY_RETRY_ATTEMPTS,
+# GATEWAY_BACKOFF_BASE_S, GATEWAY_BACKOFF_CAP_S, GATEWAY_TIMEOUT_S, GATEWAY_DEADLINE_S,
+# GATEWAY_CACHE_TTL_S, GATEWAY_BREAKER_FAILURE_THRESHOLD, GATEWAY_BREAKER_RESET_S and
+# GATEWAY_DEFAULT_RUNS in the environment win over it. Provider keys: GATEWAY_<SLUG>_API_KEY
+# (HF_TOKEN for "hf-router"); stored keys are encrypted with GATEWAY_SECRET_KEY (a Fernet key)
+# or the key file CRUCIBLE_SECRET_KEY_FILE, else <DATA_DIR>/gateway.key (generated once).
+GATEWAY_RATE_WINDOW_S = env.int("GATEWAY_RATE_WINDOW_S", default=60)  # "per minute" limits
+GATEWAY_DEFAULT_MAX_TOKENS = env.int("GATEWAY_DEFAULT_MAX_TOKENS", default=1024)  # reservations
+GATEWAY_OFFLINE_MAX_TOKENS = env.int("GATEWAY_OFFLINE_MAX_TOKENS", default=512)
+GATEWAY_OFFLINE_DEVICE = env.str("GATEWAY_OFFLINE_DEVICE", default="auto")
