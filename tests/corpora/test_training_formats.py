@@ -312,6 +312,16 @@ def test_file_page_shows_the_format_and_a_train_button_for_those_who_run_jobs(db
     assert anonymous.status_code == 302 and "login" in anonymous["Location"]
 
 
+def test_the_datasets_index_lists_each_file_with_its_format(db):
+    training_file_create(name="from openai", upload=io.BytesIO(lines(OPENAI)), user=None)
+    training_file_create(name="from alpaca", upload=io.BytesIO(lines(ALPACA)), user=None)
+    html = signed_in(Role.VIEWER).get(reverse("corpora:index")).content.decode()
+    table = html[html.index('id="training-files-table"') :]
+    assert '<th scope="col">Format</th>' in table
+    assert '<td class="nowrap">OpenAI chat</td>' in table
+    assert '<td class="nowrap">Alpaca</td>' in table
+
+
 def test_train_on_this_file_preselects_it_in_the_new_job_form(db):
     chosen = training_file_create(name="older", upload=io.BytesIO(lines(ALPACA)), user=None)
     newest = training_file_create(name="newer", upload=io.BytesIO(lines(OPENAI)), user=None)
