@@ -329,15 +329,6 @@ class RunPodExecutor:
         from training.models import TrainingJob, TrainingPod
 
         job = TrainingJob.objects.get(pk=job_id)
-        if spec.get("output", {}).get("uri", "").startswith("file://") and not _is_loopback(
-            settings.RUNPOD_API_BASE_URL
-        ):
-            raise ExternalServiceError(
-                "RunPod workers cannot reach this machine's local storage: set S3_BUCKET so "
-                "checkpoints and adapters go to S3.",
-                service=SERVICE,
-                transient=False,
-            )
         webhook = (spec.get("webhook") or {}).get("url") or ""
         if is_private_address(webhook) and not _is_loopback(settings.RUNPOD_API_BASE_URL):
             # A pod elsewhere cannot reach it: the job would train unheard and be "recovered".
@@ -348,6 +339,15 @@ class RunPodExecutor:
                 + ("" if explicit_public_url() else " (CRUCIBLE_PUBLIC_URL is not set)")
                 + ": set CRUCIBLE_PUBLIC_URL to this platform's public address.",
                 url=base,
+            )
+        if spec.get("output", {}).get("uri", "").startswith("file://") and not _is_loopback(
+            settings.RUNPOD_API_BASE_URL
+        ):
+            raise ExternalServiceError(
+                "RunPod workers cannot reach this machine's local storage: set S3_BUCKET so "
+                "checkpoints and adapters go to S3.",
+                service=SERVICE,
+                transient=False,
             )
         wanted = job.gpu_type or billing_conf.runpod_gpu_type()
         spot = job.spot_for_next_launch
