@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from rest_framework.authtoken.models import Token
 
+from config.addresses import public_base_url
 from config.roles import Role
 from config.services import user_create, user_update
 
@@ -58,9 +59,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, url=None, **options):
-        url = (url or os.environ.get("CRUCIBLE_PUBLIC_URL") or settings.CRUCIBLE_PUBLIC_URL).rstrip(
-            "/"
-        )
+        # The same base address as every other link the product prints (config/addresses.py).
+        url = (url or os.environ.get("CRUCIBLE_PUBLIC_URL") or public_base_url()).rstrip("/")
         user = get_user_model().objects.filter(username=DEMO_USERNAME).first()
         if user is None:
             user = user_create(
