@@ -6,8 +6,9 @@ from django import forms
 from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
+from billing.estimates import money_text, range_text
 from billing.models import GpuPrice
-from config.errors import InvalidInput
+from config.errors import CrucibleError, InvalidInput
 from corpora.models import TrainingFile
 from training.config import Hyperparameters, resolve_configuration
 from training.models import BaseModel, Preset, TrainingJob
@@ -251,3 +252,44 @@ class AnnotateForm(forms.Form):
 
     clean_tags = NewJobForm.clean_tags
     tag_list = NewJobForm.tag_list
+
+
+def preset_cards(form: NewJobForm) -> list[Preset]:
+    """Every preset, each with ``figures`` for the file the form has chosen: optimizer steps,
+    epochs over the training split, and the estimated time and cost on the chosen executor
+    (the preset's own values, without the form's overrides). No file chosen: no figures."""
+    from billing.services import cost_estimate
+
+    presets = list(Preset.objects.all())
+    if form.is_bound:
+        form.is_valid()  # fills cleaned_data with the fields that are valid
+    data = getattr(form, "cleaned_data", {}) or {}
+    training_file, base_model = data.get("training_file"), data.get("base_model")
+    executor = data.get("executor") or TrainingJob.Executor.LOCAL
+    runpod = executor == TrainingJob.Executor.RUNPOD
+    for preset in presets:
+        preset.figures = None
+        if training_file is None or base_model is None or not training_file.is_ready:
+            continue
+        try:
+            est = cost_estimate(
+                training_file=training_file,
+                base_model=base_model,
+                preset=preset,
+                gpu_type=form.gpu_type_key if hasattr(form, "cleaned_data") else "",
+                spot=form.spot if hasattr(form, "cleaned_data") else False,
+                executor=executor,
+            )
+        except (CrucibleError, KeyError, ValueError):
+            continue  # e.g. a preset whose sequence length the model cannot take
+        epochs = est.tokens_processed / est.train_tokens if est.train_tokens else None
+        duration = est.duration_seconds
+        cost = est.cost
+        preset.figures = {
+            "file": training_file.name,
+            "steps": est.steps,
+            "epochs": epochs,
+            "duration": range_text(duration["low"], duration["high"]),
+            "cost": money_text(float(cost["low"]), float(cost["high"])) if runpod else None,
+        }
+    return presets

@@ -32,7 +32,13 @@ from config.storage import storage_open
 from config.views import dashboard_view
 from corpora.models import TrainingFile
 from training import charts, services
-from training.forms import ADVANCED_FIELDS, AnnotateForm, NewJobForm, runpod_available
+from training.forms import (
+    ADVANCED_FIELDS,
+    AnnotateForm,
+    NewJobForm,
+    preset_cards,
+    runpod_available,
+)
 from training.models import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -1020,6 +1026,7 @@ def new_job(request: HttpRequest) -> HttpResponse:
         context = {
             "estimate": _estimate(form),
             "file_check": _file_check(_selected_file(form)),
+            "presets": preset_cards(form),
             "oob": True,
         }
         response = render(request, "training/new.html#estimate", context)
@@ -1034,7 +1041,7 @@ def new_job(request: HttpRequest) -> HttpResponse:
         "form": form,
         "stage": stage,
         "start_error": start_error,
-        "presets": list(Preset.objects.all()),
+        "presets": preset_cards(bound),
         "estimate": _estimate(bound),
         "file_check": _file_check(_selected_file(bound)),
         "review": _review(form) if stage == "review" else None,

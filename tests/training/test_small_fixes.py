@@ -64,3 +64,36 @@ def test_pages_use_one_arrow_and_capitalised_status_labels(training_file, smollm
     assert ">Completed</span>" in compare and ">completed</span>" not in compare
     budgets = client.get("/budgets/").content.decode()
     assert ">completed</span>" not in budgets
+
+
+@pytest.mark.django_db
+def test_preset_cards_quote_the_chosen_file(training_file):
+    import io
+    import re
+
+    from corpora.services import training_file_create
+    from tests.training.conftest import conversations
+
+    bigger = training_file_create(name="bigger", upload=io.BytesIO(conversations(60)), user=None)
+    client, _ = signed_in(Role.ENGINEER)
+
+    def figures(html: str, key: str) -> str:
+        match = re.search(rf'id="preset-figures-{key}"[^>]*>(.*?)</span>\n', html, re.S)
+        assert match, key
+        return match.group(1)
+
+    html = client.get(f"/training/new/?training_file={training_file.pk}").content.decode()
+    assert "242-conversation" not in html
+    small = {k: figures(html, k) for k in ("conservative", "balanced", "aggressive", "smoke")}
+    assert all("On advisor:" in text for text in small.values())
+    assert "12 steps" in small["smoke"]
+    assert "(2.0 epochs)" in small["conservative"] and "(4.0 epochs)" in small["aggressive"]
+    # Another file in the form: the estimate's htmx refresh swaps every card's figures.
+    part = client.get(
+        "/training/new/",
+        {"part": "estimate", "training_file": bigger.pk, "base_model": "SmolLM2-135M-Instruct",
+         "preset": "balanced", "executor": "local"},
+        HTTP_HX_REQUEST="true",
+    ).content.decode()  # fmt: skip
+    assert 'id="preset-figures-balanced" hx-swap-oob="true"' in part
+    assert "On bigger:" in figures(part, "balanced")
