@@ -37,7 +37,6 @@ PRICE_TABLE_PACKAGE = "genai-prices"
 MILLION = Decimal(1_000_000)
 # Words in a model id that mark an embedding model (the /v1/models listing does not say).
 EMBEDDING_HINTS = ("embed", "minilm", "bge-", "/bge", "e5-", "gte-", "nomic-embed")
-OFFLINE_BASE_KEY = "offline/smollm2-135m-instruct"
 
 
 # --- Prices ---------------------------------------------------------------------------------
@@ -541,12 +540,18 @@ def gateway_settings_update(*, actor=None, **values: Any) -> GatewaySettings:
 
 
 def base_model_key(base_model) -> str:
-    """The registry key of a training base model (the offline SmolLM2 unless one is registered
-    under the base model's own name)."""
-    own = f"offline/{base_model.name}"
-    if RegisteredModel.objects.filter(key=own).exists():
-        return own
-    return OFFLINE_BASE_KEY
+    """The registry key of a training base model: an offline model the gateway's offline
+    provider serves (SmolLM2-135M-Instruct today). Any other base is refused by name."""
+    from jobs.gateway.providers import OFFLINE_CHAT_MODELS
+
+    for remote_id, name in OFFLINE_CHAT_MODELS.items():
+        if name == base_model.name:
+            return f"offline/{remote_id}"
+    raise Conflict(
+        f"The gateway serves adapters offline only on "
+        f"{', '.join(sorted(OFFLINE_CHAT_MODELS.values()))}; {base_model.name} is not one.",
+        details={"base_model": base_model.name},
+    )
 
 
 def _adapter_checksum(adapter) -> str:

@@ -1510,12 +1510,12 @@ def playground_run_execute(*, run_id: str, device: str = "auto") -> PlaygroundRu
             **{k: d[k] for k in playground.Decoding.__dataclass_fields__ if k in d}
         )
         result = playground.generate_pair(
-            base_model=run.job.base_model,
-            adapter_storage_path=adapter.storage_path,
+            job=run.job,
             prompt=run.prompt,
             system_prompt=run.system_prompt,
             decoding=decoding,
-            device=getattr(settings, "PLAYGROUND_DEVICE", device),
+            user=run.created_by,
+            subject=run,
             stage=stage,
         )
     except Exception as exc:

@@ -1,7 +1,9 @@
 """The playground: a prompt answered by the base model and a job's adapter, side by side.
 
-Most tests stand in for the generation (``training.playground.generate_pair``); the slow one
-really generates with the offline SmolLM2 and a small LoRA adapter made here with peft.
+Most tests stand in for the generation (``training.playground.generate_pair``); one goes
+through the model gateway with the offline provider's generation stood in for, and the slow one
+really generates (through the gateway) with the offline SmolLM2 and a small LoRA adapter made
+here with peft.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def test_a_run_is_queued_then_generated_once(job, queued, fake_generate):
     assert fake_generate[0]["prompt"] == "How do I save?"
     assert fake_generate[0]["system_prompt"] == "Be kind."
     assert fake_generate[0]["decoding"].max_new_tokens == 32
-    assert fake_generate[0]["base_model"] == job.base_model
+    assert fake_generate[0]["job"] == job and fake_generate[0]["subject"] == done
     # A second delivery of the task finds nothing to claim.
     assert services.playground_run_execute(run_id=str(run.pk)) is None
     assert len(fake_generate) == 1
@@ -296,11 +298,83 @@ def _store_tiny_adapter(job) -> None:
     Artifact.objects.filter(job=job, kind=Artifact.Kind.ADAPTER).update(storage_path=prefix)
 
 
+@pytest.mark.django_db
+def test_generation_goes_through_the_gateway(job, queued, monkeypatch):
+    """Both answers are gateway calls: the base model's registry key and the job's adapter,
+    registered as an offline model on it (revision = the adapter's checksum); each call is a
+    ledger row with feature "playground" and the run as subject; the same prompt again is
+    answered from the gateway's exact cache. The offline provider's generation is stood in for
+    here (the slow test below really generates)."""
+    from billing.models import LlmCall
+    from jobs.gateway.providers import OfflineProvider, ProviderResponse
+    from jobs.models import RegisteredModel
+
+    seen: list[tuple[str, dict]] = []
+
+    def chat(self, model, request, *, timeout, request_id):
+        seen.append((model.key, request))
+        text = f"{'tuned' if model.adapter_uri else 'base'} answer"
+        body = {
+            "id": "chatcmpl-x",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model.remote_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
+        }
+        return ProviderResponse(body, 12, 2)
+
+    prefix = f"training/jobs/{job.pk}/adapter"
+    storage_save(f"{prefix}/adapter_config.json", b'{"peft_type": "LORA", "r": 4}')
+    storage_save(f"{prefix}/adapter_model.safetensors", b"weights")
+    Artifact.objects.filter(job=job, kind=Artifact.Kind.ADAPTER).update(storage_path=prefix)
+    monkeypatch.setattr(OfflineProvider, "chat", chat)
+    monkeypatch.setattr(OfflineProvider, "prompt_tokens", lambda self, model, request: 12)
+    user = signed_in(Role.ENGINEER)[1]
+    run = services.playground_run_create(
+        job=job, user=user, prompt="How do I save?", system_prompt="Be kind.", max_new_tokens=24
+    )
+    done = services.playground_run_execute(run_id=str(run.pk))
+    assert done.status == PlaygroundRun.Status.COMPLETED, done.error_message
+    assert (done.base_output, done.adapter_output) == ("base answer", "tuned answer")
+    assert done.token_counts == {"base": 2, "adapter": 2}
+    assert done.timings["cached"] is False
+
+    adapter = RegisteredModel.objects.get(key=f"offline/crucible-{job.pk}")
+    assert adapter.parent == "offline/smollm2-135m-instruct" and adapter.adapter_uri
+    assert adapter.revision.startswith("sha256:") and adapter.price_source == "local"
+    assert [key for key, _ in seen] == [adapter.parent, adapter.key]
+    request = seen[0][1]
+    assert request["messages"][0] == {"role": "system", "content": "Be kind."}
+    assert request["max_tokens"] == 24 and request["seed"] == 42
+    assert request["repetition_penalty"] == 1.1
+
+    rows = LlmCall.objects.filter(feature="playground").order_by("id")
+    assert [r.model for r in rows] == [adapter.parent, adapter.key]
+    assert {r.object_id for r in rows} == {str(run.pk)} and {r.user_id for r in rows} == {user.pk}
+
+    again = services.playground_run_create(
+        job=job, user=user, prompt="How do I save?", system_prompt="Be kind.", max_new_tokens=24
+    )
+    again = services.playground_run_execute(run_id=str(again.pk))
+    assert again.timings["cached"] is True and len(seen) == 2  # the cache answered both
+    assert again.adapter_output == "tuned answer"
+    assert RegisteredModel.objects.filter(key=adapter.key).count() == 1  # registered once
+
+
 @pytest.mark.slow
 @pytest.mark.django_db
 def test_real_generation_with_the_offline_model_and_an_adapter(job, queued):
+    from gpu import generate
+
     _store_tiny_adapter(job)
-    playground.clear_cache()
+    generate.clear_cache()
     run = services.playground_run_create(
         job=job,
         user=None,
@@ -308,24 +382,25 @@ def test_real_generation_with_the_offline_model_and_an_adapter(job, queued):
         system_prompt="You are a helpful financial advisor.",
         max_new_tokens=8,
     )
-    done = services.playground_run_execute(run_id=str(run.pk), device="cpu")
+    done = services.playground_run_execute(run_id=str(run.pk))
     assert done.status == PlaygroundRun.Status.COMPLETED, done.error_message
     assert done.base_output.strip() and done.adapter_output.strip()
-    assert done.base_output != done.adapter_output  # one load, the adapter switched off for base
+    assert done.base_output != done.adapter_output  # the adapter changes the answer
     assert 0 < done.token_counts["base"] <= 8 and 0 < done.token_counts["adapter"] <= 8
     assert done.device == "cpu"
-    assert set(done.timings) >= {
-        "load_base_s",
-        "load_adapter_s",
-        "base_generate_s",
-        "adapter_generate_s",
-    }
+    assert set(done.timings) >= {"base_generate_s", "adapter_generate_s", "cached"}
+    assert done.timings["cached"] is False
     assert done.decoding["do_sample"] is False
 
-    # The next prompt on the same adapter reuses the loaded pair.
+    # The same prompt and decoding again: the gateway's exact cache answers, identically.
     again = services.playground_run_create(
-        job=job, user=None, prompt="And for retirement?", max_new_tokens=2
+        job=job,
+        user=None,
+        prompt="How do I start saving money?",
+        system_prompt="You are a helpful financial advisor.",
+        max_new_tokens=8,
     )
-    again = services.playground_run_execute(run_id=str(again.pk), device="cpu")
-    assert again.status == "completed" and again.timings.get("cached") is True
-    playground.clear_cache()
+    again = services.playground_run_execute(run_id=str(again.pk))
+    assert again.status == "completed" and again.timings["cached"] is True
+    assert (again.base_output, again.adapter_output) == (done.base_output, done.adapter_output)
+    generate.clear_cache()
