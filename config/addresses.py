@@ -30,6 +30,7 @@ NOTE_EVERY_S = 60.0
 KEEP = 5  # addresses remembered (newest first)
 CACHE_TIMEOUT_S = 30 * 24 * 3600
 PROBE_TIMEOUT_S = 2.0
+WEBHOOK_SUFFIX = "/training/webhook"
 
 _noted: dict[str, float] = {}  # per process: address -> when it was last written
 
@@ -42,6 +43,10 @@ def explicit_public_url() -> str:
 def served_address_from_meta(meta: dict) -> str | None:
     """The loopback address of the socket a request came in on; None for the test client."""
     if meta.get("SERVER_NAME") == "testserver":  # django.test.Client: no socket at all
+        return None
+    if str(meta.get("PATH_INFO") or "").rstrip("/").endswith(WEBHOOK_SUFFIX):
+        # A worker reporting to an address it was given teaches nothing, and the `train`
+        # command's temporary receiver (gone when it exits) must not become "the" address.
         return None
     port = str(meta.get("SERVER_PORT") or "")
     if not port.isdigit() or not 0 < int(port) < 65536:

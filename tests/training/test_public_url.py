@@ -50,6 +50,11 @@ def test_a_request_notes_the_loopback_address_of_its_socket_not_the_test_client(
     settings.CRUCIBLE_PUBLIC_URL = ""
     addresses.note_served_address({"SERVER_NAME": "testserver", "SERVER_PORT": "80"})
     assert addresses.served_addresses() == []
+    # A worker's webhook (e.g. to the `train` command's temporary receiver) is not noted.
+    addresses.note_served_address(
+        {"SERVER_NAME": "x", "SERVER_PORT": "41234", "PATH_INFO": "/api/v1/training/webhook"}
+    )
+    assert addresses.served_addresses() == []
     addresses.note_served_address(
         {"SERVER_NAME": "box.lan", "SERVER_PORT": "9123", "wsgi.url_scheme": "http"}
     )
