@@ -3,7 +3,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
 from billing import services
-from billing.models import AuditEntry, GpuPrice
+from billing.models import AuditEntry, GpuPrice, LedgerEntry
 from config.errors import InvalidInput
 from config.views import dashboard_view
 
@@ -32,5 +32,7 @@ def index(request: HttpRequest) -> HttpResponse:
         "prices": GpuPrice.objects.filter(is_active=True),
         "audit": AuditEntry.objects.select_related("job", "user")[:10],
         "can_manage": request.user.has_perm("core.manage_budgets"),
+        "gpu_spent": summary["by_kind"].get(LedgerEntry.Kind.GPU_TIME, 0),
+        "llm": services.llm_spend_summary(month=month),
     }
     return render(request, "billing/index.html", context)

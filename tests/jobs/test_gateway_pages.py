@@ -342,3 +342,53 @@ def test_breakers_are_shown_on_readyz_and_the_overview(monkeypatch):
     client, _ = signed_in(Role.VIEWER)
     part = client.get("/?part=status", headers=HTMX).content.decode()
     assert "loop" in part and "open" in part.lower()
+
+
+# --- Billing page --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_budgets_page_shows_llm_spend_per_model_and_feature(django_assert_max_num_queries):
+    from django.utils import timezone
+
+    from billing.models import LedgerEntry, LlmCall
+    from billing.services import month_start
+
+    today = timezone.localdate()
+    month = month_start()
+    common = {"provider": "loop", "day": today, "month": month, "latency_ms": 5, "attempts": 1}
+    LlmCall.objects.create(
+        feature="judge",
+        model="loop/judge-xl",
+        prompt_tokens=1000,
+        completion_tokens=200,
+        cost=Decimal("0.0123"),
+        **common,
+    )
+    LlmCall.objects.create(feature="judge", model="loop/judge-xl", cached=True, cost=0, **common)
+    LlmCall.objects.create(
+        feature="playground",
+        model="offline/smollm2-135m-instruct",
+        prompt_tokens=40,
+        completion_tokens=20,
+        cost=0,
+        **common,
+    )
+    LedgerEntry.objects.create(
+        kind=LedgerEntry.Kind.GPU_TIME,
+        day=today,
+        month=month,
+        amount=Decimal("1.50"),
+        quantity=3600,
+        unit="gpu_second",
+        rate=Decimal("0.0004166667"),
+    )
+    client, _ = signed_in(Role.VIEWER)
+    with django_assert_max_num_queries(30):
+        page = client.get("/budgets/")
+    html = page.content.decode()
+    assert page.status_code == 200 and "GPU and LLM spend" in html
+    assert "$1.50" in html  # GPU time
+    assert "$0.0123" in html and "loop/judge-xl" in html and "offline/smollm2-135m-instruct" in html
+    assert ">judge<" in html and ">playground<" in html
+    assert "$1.51" in html  # the month's spend counts both
