@@ -58,11 +58,12 @@ FORMATS: dict[str, str] = {
 }
 SHAPES: dict[str, str] = {
     CRUCIBLE: 'a Crucible record ("id" with "messages" or "training_pairs")',
-    OPENAI_CHAT: 'an OpenAI chat record ({"messages": [...]} without a Crucible "id")',
+    OPENAI_CHAT: 'an OpenAI chat record ({"messages": [...]}, no "id" needed)',
     SHAREGPT: 'a ShareGPT record ({"conversations": [{"from", "value"}, ...]})',
     ALPACA: 'an Alpaca record ({"instruction", "input", "output"})',
 }
-CRUCIBLE_KEYS = frozenset({"id", "messages", "system_prompt", "training_pairs", "metadata"})
+OPENAI_TOP_KEYS = frozenset({"tools", "parallel_tool_calls", "functions"})
+OPENAI_MESSAGE_ONLY = frozenset({"weight", "name", "tool_calls", "tool_call_id", "refusal"})
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
 OPENAI_MESSAGE_KEYS = frozenset(
     {"role", "content", "weight", "name", "tool_calls", "tool_call_id", "refusal"}
@@ -159,14 +160,28 @@ def detect_format(record: Any) -> str | None:
     if "instruction" in record or ("output" in record and "messages" not in record):
         return ALPACA
     if "messages" in record:
-        if "id" in record and CRUCIBLE_KEYS.issuperset(record):
-            return CRUCIBLE
+        if "id" in record and not _openai_only(record):
+            return CRUCIBLE  # Crucible's "messages" shape, checked (and worded) as it always was
         if isinstance(record["messages"], list) and record["messages"]:
             return OPENAI_CHAT
         return CRUCIBLE  # nothing OpenAI-like to go on: Crucible's checks say what is missing
     if "id" in record:
         return CRUCIBLE
     return None
+
+
+def _openai_only(record: dict) -> bool:
+    """Whether a record uses what only OpenAI chat has (tools, weights, tool messages)."""
+    if any(key in record for key in OPENAI_TOP_KEYS):
+        return True
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return False
+    return any(
+        isinstance(m, dict)
+        and (m.get("role") in ("tool", "developer") or any(k in m for k in OPENAI_MESSAGE_ONLY))
+        for m in messages
+    )
 
 
 def unknown_format_message(record: Any) -> str:

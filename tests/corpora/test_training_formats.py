@@ -190,6 +190,19 @@ def test_an_openai_file_may_carry_ids_on_some_lines(engineer):
     assert ids[1] == "kept" and ids[0].startswith("line-1-") and ids[2].startswith("line-3-")
 
 
+def test_an_id_with_openai_features_is_openai_and_a_plain_id_stays_crucible(engineer):
+    weighted = _with({**OPENAI, "id": "own"}, "messages/2/weight", 1)
+    response = upload(engineer, lines(weighted, OPENAI))
+    assert response.status_code == 201, response.content
+    assert response.json()["format"] == "openai_chat"
+    assert response.json()["stats"]["preview"][0]["id"] == "own"
+    # A Crucible record with a stray field keeps the Crucible schema's error, as before.
+    error = assert_envelope(upload(engineer, lines({**OPENAI, "id": "c", "extra": 1})), 422)
+    assert error["details"]["errors"][0]["message"].startswith(
+        "Additional properties are not allowed ('extra' was unexpected)"
+    )
+
+
 def _with(record: dict, path: str, value) -> dict:
     """A deep copy of ``record`` with the value at a /-separated path replaced."""
     record = json.loads(json.dumps(record))
