@@ -46,6 +46,11 @@ def _key_source(provider: Provider) -> str:
     return ""
 
 
+def _plain(value) -> str:
+    """A price as a number input shows it: no exponent, no trailing zeros."""
+    return "" if value is None else format(value.normalize(), "f")
+
+
 def _models(query: str):
     models = RegisteredModel.objects.select_related("provider").order_by(
         Case(When(enabled=True, then=0), default=1, output_field=IntegerField()),
@@ -70,6 +75,8 @@ def _context(request: HttpRequest, **extra) -> dict:
     vanished = services.vanished_keys(models)
     for model in models:
         model.vanished = model.key in vanished
+        model.price_in_text = _plain(model.price_input_per_m)
+        model.price_out_text = _plain(model.price_output_per_m)
     context = {
         "section": SECTION,
         "providers": providers,
