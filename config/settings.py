@@ -191,7 +191,8 @@ if REDIS_URL:
     CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3 * 3600}
 else:
-    CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+    # A hostname, though the transport ignores it: kombu warns "No hostname was supplied" without.
+    CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://localhost//")
     for _folder in ("queue", "processed", "control"):
         (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {

@@ -125,15 +125,27 @@ def ensure_offline_model(name: str, cache_root: Path | None = None) -> Path:
     return final
 
 
+# On a CPU, importing bitsandbytes (peft and transformers do) logs that its 4-bit CPU kernels
+# cannot be fetched from the Hub. We never quantize on a CPU (plain float32 LoRA), so the
+# warning is noise there; on CUDA it stays, since it could matter.
+CPU_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+def quiet_cpu_quantization_warnings() -> None:
+    for name in CPU_NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def resolve_device(requested: str) -> str:
     import torch
 
     available = torch.cuda.is_available()
     if requested == "cuda" and not available:
         raise WorkerError("The spec asks for device 'cuda' but no CUDA GPU is available")
-    if requested == "cpu":
-        return "cpu"
-    return "cuda" if available else "cpu"
+    device = "cpu" if requested == "cpu" else ("cuda" if available else "cpu")
+    if device == "cpu":
+        quiet_cpu_quantization_warnings()
+    return device
 
 
 def cuda_compute_dtype() -> str:

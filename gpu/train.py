@@ -183,11 +183,14 @@ class Worker:
         _quiet_libraries()
         from gpu import checkpoints, data, perplexity
         from gpu import model as model_mod
+
+        # Before the trainer's imports (trl imports bitsandbytes): on a CPU this silences
+        # bitsandbytes' warning about its 4-bit CPU kernels, which a CPU run never uses.
+        device = model_mod.resolve_device(spec.device)
         from gpu import trainer as trainer_mod
         from gpu.callbacks import METRIC_FIELDS, CrucibleCallback
         from gpu.storage import fetch_uri
 
-        device = model_mod.resolve_device(spec.device)
         self.run_state.stage = "starting"
 
         # The newest complete checkpoint, when resuming.
