@@ -416,3 +416,45 @@ def test_manage_py_train_file_accepts_an_openai_chat_file(db, monkeypatch):
     assert "5 conversations" in out.getvalue()
     job = TrainingJob.objects.get()
     assert job.training_file == training_file and started == [job]
+
+
+# --- In the browser ---------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_upload_an_openai_file_then_train_on_it_in_the_browser(browser, live_server, ada):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select
+
+    from tests.browser.test_dashboard_browser import (
+        PASSWORD,
+        _console_errors,
+        _shoot,
+        _sign_in,
+        _wait,
+    )
+
+    _sign_in(browser, live_server, "ada", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+    browser.get(f"{live_server.url}{reverse('corpora:index')}")
+    hint = browser.find_element(By.ID, "formats-field")
+    assert not hint.is_displayed()  # corpus is the default kind
+    Select(browser.find_element(By.ID, "id_kind")).select_by_value("training_file")
+    assert hint.is_displayed() and "OpenAI chat JSONL" in hint.text
+    browser.find_element(By.ID, "id_file").send_keys(str(FORMATS_DIR / "openai_chat.jsonl"))
+    browser.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
+    ok = _wait(browser).until(ec.visibility_of_element_located((By.ID, "upload-ok")))
+    assert "5 conversations" in ok.text and "Detected format: OpenAI chat" in ok.text
+    _shoot(browser, "datasets-training-format-upload.png")
+
+    ok.find_element(By.LINK_TEXT, "Open it").click()
+    _wait(browser).until(ec.visibility_of_element_located((By.ID, "file-format")))
+    assert browser.find_element(By.ID, "file-format").text.startswith("OpenAI chat")
+    _shoot(browser, "datasets-training-format-file.png")
+    browser.find_element(By.ID, "train-on-file").click()
+    _wait(browser).until(ec.url_contains(reverse("training:new")))
+    selected = Select(browser.find_element(By.ID, "id_training_file")).first_selected_option
+    assert selected.get_attribute("value") == str(TrainingFile.objects.get().pk)
+    assert _console_errors(browser) == []
