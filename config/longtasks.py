@@ -18,13 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import models
+from django.db import connection, models
 from django.db.models import Q
 from django.utils import timezone
 
@@ -88,18 +90,52 @@ class Heartbeat:
         *,
         claim: str,
         running: str,
-        interval: float = PROGRESS_INTERVAL_S,
+        interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.model, self.pk, self.claim, self.running = model, pk, claim, running
-        self.interval, self.clock = interval, clock
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        self.clock = clock
         self.last = clock()
         self.writes = 0
+
+    lost = False  # set by the keepalive thread when the row stopped being ours
+
+    @contextmanager
+    def keepalive(self, every: float | None = None) -> Iterator[Heartbeat]:
+        """Refresh ``heartbeat_at`` from a background thread every ``every`` seconds (default: a
+        fifth of LONG_TASK_STALE_AFTER_S) while the block runs, so that one long step (a model
+        load, a slow batch) is not taken for a dead worker. The thread dies with the process,
+        which is the point. It uses its own database connection: run it in a worker, not inside
+        a test's transaction."""
+        every = every or max(1.0, settings.LONG_TASK_STALE_AFTER_S / 5)
+        stop = threading.Event()
+
+        def beat() -> None:
+            try:
+                while not stop.wait(every):
+                    if self.rows().update(heartbeat_at=timezone.now()) != 1:
+                        self.lost = True
+                        return
+            except Exception:  # never let the heartbeat break the task; the reconcile copes
+                logger.exception("heartbeat of %s %s failed", self.model.__name__, self.pk)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{self.pk}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=every + 30)
 
     def rows(self):
         return self.model.objects.filter(pk=self.pk, status=self.running, claimed_by=self.claim)
 
     def write(self, **fields) -> None:
+        if self.lost:
+            raise Stopped(f"{self.model.__name__} {self.pk} is no longer claimed by {self.claim}")
         now = timezone.now()
         if self.rows().update(heartbeat_at=now, updated_at=now, **fields) != 1:
             raise Stopped(f"{self.model.__name__} {self.pk} is no longer claimed by {self.claim}")
@@ -108,6 +144,8 @@ class Heartbeat:
 
     def tick(self, **fields) -> bool:
         """Write if the last write is ``interval`` seconds old; True when it wrote."""
+        if self.lost:
+            raise Stopped(f"{self.model.__name__} {self.pk} is no longer claimed by {self.claim}")
         if self.clock() - self.last < self.interval:
             return False
         self.write(**fields)

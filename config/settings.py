@@ -231,10 +231,10 @@ CELERY_TASK_ROUTES = {
     "training.tasks.run_playground": {"queue": "long"},
     "jobs.tasks.refresh_gateway_models": {"queue": "control"},
 }
-# A long task that holds a status row writes a heartbeat while it works (at least every
-# LONG_TASK_HEARTBEAT_S); a running row whose heartbeat is older than LONG_TASK_STALE_AFTER_S
-# belongs to a worker that died (restart, deploy, SIGKILL) and the beat reconcile restarts it.
-LONG_TASK_HEARTBEAT_S = env.int("LONG_TASK_HEARTBEAT_S", default=30)
+# A long task that holds a status row writes a heartbeat with its progress while it works
+# (every few seconds, config/longtasks.py); a running row whose heartbeat is older than
+# LONG_TASK_STALE_AFTER_S belongs to a worker that died (restart, deploy, SIGKILL) and the beat
+# reconcile restarts it. Keep it above the longest single step (a model load, one batch).
 LONG_TASK_STALE_AFTER_S = env.int("LONG_TASK_STALE_AFTER_S", default=300)
 # A long task restarted this many times without finishing is failed instead (it may be what
 # kills its worker, e.g. out of memory).

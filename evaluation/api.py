@@ -42,6 +42,7 @@ class RunListOut(Schema):
     status: str
     progress: float
     stage: str
+    stage_detail: str
     trigger: str
     evaluator_version: str
     created_by: str | None = Field(None, alias="created_by.username")
@@ -50,6 +51,8 @@ class RunListOut(Schema):
     completed_at: datetime | None
     error_type: str
     error_message: str
+    attempts: int = Field(..., description="Times a worker started it (1 + restarts)")
+    heartbeat_at: datetime | None
 
 
 class RunOut(RunListOut):
@@ -241,6 +244,17 @@ def runs_create(request: HttpRequest, payload: RunIn):
     "/validation/runs/{run_id}", response={200: RunOut, **ERRORS}, auth=requires("view_dashboard")
 )
 def runs_get(request: HttpRequest, run_id: UUID):
+    return _run(run_id)
+
+
+@router.post(
+    "/validation/runs/{run_id}/cancel",
+    response={200: RunOut, **ERRORS},
+    auth=requires("run_jobs"),
+)
+def runs_cancel(request: HttpRequest, run_id: UUID):
+    """Cancel a pending or running validation; a running one stops within a few seconds."""
+    services.validation_run_cancel(run=_run(run_id), user=request.auth)
     return _run(run_id)
 
 

@@ -39,6 +39,19 @@ class ValidationRunQuerySet(models.QuerySet):
         return self.filter(status__in=(RunStatus.PENDING, RunStatus.RUNNING))
 
 
+STAGE_LABELS = {
+    "preparing": "Preparing",
+    "loading_models": "Loading the models",
+    "perplexity": "Perplexity",
+    "retention": "Knowledge retention",
+    "generating": "Generating responses",
+    "judging": "Judging responses",
+    "aggregating": "Computing the figures",
+    "report": "Writing the report",
+    "completed": "Completed",
+}
+
+
 class ValidationRun(LongTaskFields):
     class Trigger(models.TextChoices):
         AUTO = "auto", "Automatic (job completed)"
@@ -95,6 +108,9 @@ class ValidationRun(LongTaskFields):
     @property
     def is_active(self) -> bool:
         return self.status in (RunStatus.PENDING, RunStatus.RUNNING)
+
+    def get_stage_label(self) -> str:
+        return STAGE_LABELS.get(self.stage, self.stage.replace("_", " ").capitalize())
 
     @property
     def duration_seconds(self) -> float | None:

@@ -15,7 +15,7 @@ import secrets
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from django.conf import settings
@@ -243,13 +243,16 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def validation_run_execute(*, run_id: str) -> ValidationRun | None:
+def validation_run_execute(*, run_id: str, keepalive: bool = False) -> ValidationRun | None:
     """Claim a pending run and execute it. Safe to run twice: only one claim succeeds.
 
     A run left "running" by a worker that died (no heartbeat for LONG_TASK_STALE_AFTER_S) is
     claimed again too, when Celery redelivers its task or the beat reconcile re-enqueues it;
     the new attempt resumes from what the old one stored. A run that is cancelled or claimed
     by another worker meanwhile stops at its next progress write and is left as it is.
+
+    ``keepalive``: a background thread refreshes the heartbeat while the run works (the Celery
+    task turns it on; it needs its own database connection, so not inside a test transaction).
     """
     now = timezone.now()
     claim = longtasks.worker_claim()
@@ -277,7 +280,8 @@ def validation_run_execute(*, run_id: str) -> ValidationRun | None:
         pk=run_id
     )
     try:
-        _execute(run)
+        with _beat(run).keepalive() if keepalive else nullcontext():
+            _execute(run)
     except longtasks.Stopped:
         logger.info("validation run %s stopped: cancelled or claimed by another worker", run.pk)
     except Exception as exc:

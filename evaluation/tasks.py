@@ -19,7 +19,7 @@ from evaluation.models import ValidationRun
     time_limit=settings.EVALUATION_TASK_TIME_LIMIT + 60,
 )
 def execute_validation_run(run_id: str) -> str | None:
-    run = services.validation_run_execute(run_id=run_id)
+    run = services.validation_run_execute(run_id=run_id, keepalive=True)
     return run.status if run else None
 
 

@@ -304,6 +304,26 @@ def _action_response(request: HttpRequest, run: ValidationRun, part: str, error:
 
 @require_POST
 @dashboard_view
+def run_cancel(request: HttpRequest, run_id) -> HttpResponse:
+    run = _get_run(run_id)
+    if not has_capability(request.user, "run_jobs"):
+        return _forbidden(request, "Only users who can run validations can cancel them.")
+    try:
+        services.validation_run_cancel(run=run, user=request.user)
+    except CrucibleError as exc:
+        if not request.htmx:
+            context = {**_run_context(request, run), "cancel_error": exc.message}
+            return render(request, "evaluation/run.html", context, status=409)
+        # Finished meanwhile (the only reason a cancel is refused): show it as it is now.
+    if request.htmx:
+        response = HttpResponse(status=204)
+        response["HX-Refresh"] = "true"
+        return response
+    return redirect("evaluation:run", run.pk)
+
+
+@require_POST
+@dashboard_view
 def run_approve(request: HttpRequest, run_id) -> HttpResponse:
     run = _get_run(run_id)
     if not has_capability(request.user, "approve_validations"):
