@@ -269,11 +269,17 @@ class ChatRenderer:
     ) -> str:
         extra = {"tools": tools} if tools and self.supports_tools else {}
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            self.template_messages(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **extra,
         )
 
     def template_messages(self, messages: list[dict]) -> list[dict]:
-        """The messages as this template takes them: tool calls native or as text."""
+        """The messages as this template takes them: tool calls native or as text.
+
+        Idempotent, so ``render`` applies it to whatever it is given (evaluation prompts too).
+        """
         if not any(m.get("tool_calls") for m in messages):
             return messages
         out = []
