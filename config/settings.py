@@ -366,7 +366,6 @@ HF_TOKEN = env.str("HF_TOKEN", default="")
 # --- Playground (training/playground.py) -----------------------------------------------------
 PLAYGROUND_MAX_NEW_TOKENS = env.int("PLAYGROUND_MAX_NEW_TOKENS", default=96)
 PLAYGROUND_MAX_NEW_TOKENS_LIMIT = env.int("PLAYGROUND_MAX_NEW_TOKENS_LIMIT", default=512)
-PLAYGROUND_DEVICE = env.str("PLAYGROUND_DEVICE", default="auto")
 
 # --- Evaluation -------------------------------------------------------------------------------
 # Start a validation run when a training job completes.

@@ -1477,7 +1477,7 @@ def playground_run_create(
 PLAYGROUND_STALE_AFTER = timedelta(minutes=15)
 
 
-def playground_run_execute(*, run_id: str, device: str = "auto") -> PlaygroundRun | None:
+def playground_run_execute(*, run_id: str) -> PlaygroundRun | None:
     """Claim a queued run (or one whose worker died) and generate. Safe to run twice."""
     from training import playground
 
