@@ -210,3 +210,26 @@ def test_the_reconcile_runs_every_registered_step_even_when_one_fails(monkeypatc
     out = longtasks.reconcile_all()
     assert out["broken"] == {"error": "RuntimeError: database away"}
     assert out["fine"] == {"requeued": []} and calls == ["fine"]
+
+
+def test_a_playground_run_left_generating_by_a_dead_worker_is_queued_again(db, monkeypatch):
+    import training.tasks
+    from tests.evaluation.core_fixtures import make_completed_job
+    from training.models import PlaygroundRun
+    from training.services import PLAYGROUND_STALE_AFTER
+
+    queued: list[str] = []
+    monkeypatch.setattr(training.tasks.run_playground, "delay", queued.append)
+    job = make_completed_job()
+    old = timezone.now() - PLAYGROUND_STALE_AFTER - timedelta(minutes=2)
+    lost, busy = (
+        PlaygroundRun.objects.create(
+            job=job, prompt="Hello", status=PlaygroundRun.Status.RUNNING, started_at=started
+        )
+        for started in (old, timezone.now())
+    )
+    assert training.tasks.recover_playground_runs() == [str(lost.pk)]
+    assert queued == [str(lost.pk)]
+    lost.refresh_from_db(), busy.refresh_from_db()
+    assert lost.status == PlaygroundRun.Status.QUEUED
+    assert busy.status == PlaygroundRun.Status.RUNNING
