@@ -212,9 +212,11 @@ def read_conversations(lines: Iterable[str]) -> list[Conversation]:
 
 
 def read_training_file(path: str | Path) -> list[Conversation]:
+    # Lines end at b"\n" only, as the platform's validator counts them (text mode would also
+    # split at a lone "\r"), so row numbers and the ids derived from them agree.
     try:
-        with open(path, encoding="utf-8") as handle:
-            return read_conversations(handle)
+        with open(path, "rb") as handle:
+            return read_conversations(raw.decode("utf-8") for raw in handle)
     except UnicodeDecodeError as exc:
         raise DatasetFormatError(f"The training file is not UTF-8: {exc}") from exc
 

@@ -204,3 +204,22 @@ def test_worker_trains_on_the_openai_chat_sample(webhook_sink, tmp_path, offline
     assert dataset["conversations"] == 5
     assert (dataset["train_conversations"], dataset["val_conversations"]) == (4, 1)
     assert [e["type"] for e in webhook_sink.events if e["type"] != "heartbeat"][-1] == "completed"
+
+
+def test_the_worker_numbers_lines_as_the_platform_does(tmp_path):
+    """BOM, CRLF line ends and a blank line: the same rows, so the same derived ids."""
+    records = [OPENAI_WEIGHTED, OPENAI_TOOLS]
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps(records[0]).encode()
+        + b"\r\n\r\n"
+        + json.dumps(records[1]).encode()
+        + b"\r\n"
+    )
+    conversations = read_training_file(path)
+    assert [c.row for c in conversations] == [1, 3]
+    assert [c.id for c in conversations] == [
+        formats.derive_id(records[0], 1),
+        formats.derive_id(records[1], 3),
+    ]
