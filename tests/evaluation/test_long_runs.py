@@ -545,3 +545,21 @@ def test_control_work_goes_on_while_two_long_runs_hold_the_long_worker(workers):
         assert run.status == RunStatus.CANCELLED
         assert not Report.objects.filter(run=run).exists()
     assert GeneratedResponse.objects.filter(run=held).count() < RESPONSES
+
+
+def test_the_runs_list_and_the_job_card_show_where_a_run_is(client, pending_run):
+    from django.urls import reverse
+
+    ValidationRun.objects.filter(pk=pending_run.pk).update(
+        status=RunStatus.RUNNING,
+        stage="retention",
+        progress=27.4,
+        stage_detail="Retention: 37/100 questions (base model)",
+    )
+    _login(client, Role.VIEWER)
+    for url in (
+        reverse("evaluation:index"),
+        reverse("training:detail", args=[pending_run.job_id]),
+    ):
+        html = client.get(url).content.decode()
+        assert "Retention: 37/100 questions (base model)" in html, url
