@@ -88,6 +88,9 @@ class ReadinessOut(Schema):
     status: str
     degraded: list[str]
     checks: dict[str, CheckOut]
+    components: dict[str, dict] = Field(
+        default_factory=dict, description="Parts apps report, e.g. model_gateway's breakers"
+    )
 
 
 ERRORS = {401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut}

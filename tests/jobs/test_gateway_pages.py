@@ -254,6 +254,12 @@ def test_refresh_button_and_model_toggles(admin, provider, server):
     assert (m1.price_input_per_m, m1.price_output_per_m) == (Decimal("0.25"), Decimal("1.5"))
     assert m1.price_source == "admin" and not m1.allow_unpriced
 
+    # A model the provider stops listing is marked on the page, and kept.
+    server.listing = [ModelsServer.entry("m1")]
+    admin.post(URL, {"action": "refresh"}, headers=HTMX)
+    page = admin.get(URL).content.decode()
+    assert "loop/m2" in page and "no longer listed" in page
+
     bad = admin.post(
         URL,
         {"action": "model_update", "model": m1.pk, "enabled": "on", "price_input_per_m": "-1"},
@@ -338,6 +344,13 @@ def test_breakers_are_shown_on_readyz_and_the_overview(monkeypatch):
     monkeypatch.setattr(gateway, "breaker_states", lambda: states, raising=False)
     ready = Client().get("/readyz").json()
     assert ready["components"]["model_gateway"]["breakers"] == states
+    assert ready["components"]["model_gateway"]["open"] == ["loop"]
+    from tests.conftest import ApiClient
+    from tests.factories import TokenFactory, UserFactory
+
+    api = ApiClient(TokenFactory(user=UserFactory(role=Role.VIEWER)))
+    status = api.get("system/status").json()
+    assert status["components"]["model_gateway"]["breakers"]["loop"]["state"] == "open"
     assert "model_gateway" not in ready["degraded"]  # a provider outage leaves us ready
     client, _ = signed_in(Role.VIEWER)
     part = client.get("/?part=status", headers=HTMX).content.decode()
