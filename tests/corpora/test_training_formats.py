@@ -363,9 +363,12 @@ def test_openai_chat_export_re_uploads_to_the_same_conversations(engineer, sampl
     source = training_file_create(name="source", upload=io.BytesIO(content), user=None)
     export = run_export(
         training_file=source,
-        formats=["openai_chat", "jsonl"],
+        formats=["openai_chat", "jsonl", "hf"],
         splits={"train": 1.0, "validation": 0.0, "test": 0.0},
     )
+    # The other formats carry the same ids as the upload (derived ones included).
+    jsonl_rows = storage_read(f"{export.storage_prefix}/jsonl/train.jsonl").splitlines()
+    assert [json.loads(r)["id"] for r in jsonl_rows] == [c.id for c in chats(content)]
     entry = next(f for f in export.manifest["files"] if f["format"] == "openai_chat")
     assert entry["path"] == "openai_chat/train.jsonl" and entry["rows"] == 5
     exported = storage_read(f"{export.storage_prefix}/{entry['path']}")
@@ -382,6 +385,12 @@ def test_openai_chat_export_re_uploads_to_the_same_conversations(engineer, sampl
     if sample == "openai_chat.jsonl":
         assert any(c.context_only for c in after) and any(c.tools for c in after)
         assert after[4].messages[2]["tool_calls"][0]["function"]["name"] == "monthly_payment"
+
+
+def test_the_exports_page_offers_openai_chat(db):
+    training_file_create(name="chat", upload=io.BytesIO(lines(OPENAI)), user=None)
+    html = signed_in().get(reverse("corpora:exports")).content.decode()
+    assert 'value="openai_chat"' in html and "OpenAI chat JSONL (training files)" in html
 
 
 def test_openai_chat_export_is_for_training_files_only(db):
