@@ -9,6 +9,7 @@ from django.urls import reverse
 from django.utils.html import escape
 
 from config.roles import Role
+from config.templatetags.crucible import arrows  # pages show one arrow style (→)
 from evaluation.models import HumanRating, RatingPair, RunStatus, ValidationRun
 from tests.evaluation.core_fixtures import (  # noqa: F401
     REVEALING,
@@ -79,7 +80,7 @@ def test_the_dashboard_shows_the_stored_figures(client, completed_run):
     html = client.get(reverse("evaluation:run", args=[completed_run.pk])).content.decode()
     metrics = completed_run.metrics
     for part in ("perplexity", "retention", "emotional_intelligence"):
-        assert escape(metrics[part]["display"]) in html, part
+        assert escape(arrows(metrics[part]["display"])) in html, part
         assert f'data-metric="{part}"' in html
     assert 'data-metric="brand_voice"' in html
     assert "95% CI" in html
@@ -91,7 +92,7 @@ def test_the_dashboard_shows_the_stored_figures(client, completed_run):
 def test_a_viewer_sees_the_dashboard_without_buttons(client, completed_run):
     login(client, Role.VIEWER)
     html = client.get(reverse("evaluation:run", args=[completed_run.pk])).content.decode()
-    assert escape(completed_run.metrics["perplexity"]["display"]) in html
+    assert escape(arrows(completed_run.metrics["perplexity"]["display"])) in html
     for button in ("approve", "reject", "regenerate", "share", "rate", "revoke"):
         assert f'data-action="{button}"' not in html, button
     assert client.get(reverse("evaluation:rate", args=[completed_run.pk])).status_code == 403
@@ -227,3 +228,20 @@ def test_the_job_card_partial_links_the_validation(rf, completed_run):
     assert reverse("evaluation:run", args=[completed_run.pk]) in html
     assert "download/validation-report" in html
     assert escape(completed_run.metrics["perplexity"]["display"]) in html
+
+
+def test_a_smoke_run_reads_as_a_plumbing_check_not_a_quality_claim(client, completed_run):
+    """The demo's validation (a Smoke job) says what it is; a real preset's does not."""
+    from training.models import Preset, TrainingJob
+
+    login(client, Role.VIEWER)
+    url = reverse("evaluation:run", args=[completed_run.pk])
+    assert completed_run.job.preset.key == "smoke"
+    html = client.get(url).content.decode()
+    assert 'id="smoke-note"' in html and "plumbing check, not a quality claim" in html
+    assert html.index('id="smoke-note"') < html.index('class="metric-cards"')
+    assert " -&gt; " not in html  # one arrow style
+    TrainingJob.objects.filter(pk=completed_run.job_id).update(
+        preset=Preset.objects.get(key="balanced")
+    )
+    assert 'id="smoke-note"' not in client.get(url).content.decode()

@@ -10,6 +10,7 @@ from django.utils.html import escape
 
 from config.errors import NotFound
 from config.roles import Role
+from config.templatetags.crucible import arrows  # pages show one arrow style (→)
 from evaluation import services
 from evaluation.models import Report, ShareLink
 from tests.conftest import fetch_download
@@ -42,7 +43,7 @@ def test_anyone_with_the_link_sees_the_figures_and_downloads_the_pdf(client, lin
     assert page.status_code == 200
     html = page.content.decode()
     figures = link.report.metrics
-    assert escape(figures["perplexity"]["display"]) in html
+    assert escape(arrows(figures["perplexity"]["display"])) in html
     assert link.report.sha256 in html
     download = client.get(reverse("evaluation:shared_download", args=[link.token]))
     assert fetch_download(download).startswith(b"%PDF")
