@@ -7,7 +7,7 @@ import logging
 import os
 
 from django.contrib import messages
-from django.db.models import Case, IntegerField, Q, When
+from django.db.models import Case, Count, IntegerField, Q, When
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -66,7 +66,7 @@ def _context(request: HttpRequest, **extra) -> dict:
     obj = GatewaySettings.load()
     overridden = obj.overridden_by_env()
     breakers = breaker_states()
-    providers = list(Provider.objects.order_by("slug"))
+    providers = list(Provider.objects.annotate(model_count=Count("models")).order_by("slug"))
     for provider in providers:
         provider.key_source = _key_source(provider)
         provider.breaker = breakers.get(provider.slug) or {"state": "closed", "failures": 0}
