@@ -93,3 +93,63 @@ def test_stopping_the_demo_with_sigterm_leaves_no_process_behind():
     assert f"Dashboard: http://127.0.0.1:{port}/" in figures["banner"]
     assert f"http://127.0.0.1:{port}/api/v1/me" in figures["banner"]
     assert "Demo stopped" in figures["output"]
+
+
+@pytest.fixture
+def recorded_processes(monkeypatch, settings, tmp_path):
+    """demo_run with every process replaced by `sleep` (still supervised and stopped for real)
+    and a Ctrl-C as soon as it would wait: which processes it starts, in order."""
+    settings.DATA_DIR = tmp_path
+    started: list[str] = []
+    real_start = demo_run.Supervisor.start
+
+    def start(self, name, argv, **kwargs):
+        started.append(name)
+        return real_start(self, name, ["sleep", "60"], **kwargs)
+
+    def wait(self, critical):
+        self.stopping, self.signal_name = True, "SIGINT"
+        return None
+
+    monkeypatch.setattr(demo_run.Supervisor, "start", start)
+    monkeypatch.setattr(demo_run.Supervisor, "wait", wait)
+    monkeypatch.setattr(demo_run, "_become_subreaper", lambda: None)  # not the test process
+    return started
+
+
+@pytest.mark.django_db
+def test_a_second_make_demo_reuses_the_demo_job(recorded_processes, training_file_and_model):
+    training_file, smollm, smoke = training_file_and_model
+    done = completed_job(training_file, smollm, smoke, name=demo_run.DEMO_JOB_NAME)
+    TrainingJob.objects.filter(pk=done.pk).update(tags=["demo"])
+    out = StringIO()
+    call_command("demo_run", "--port", "8765", "--grace", "1", stdout=out)
+    assert recorded_processes == ["web", "worker-control", "worker-long", "beat"]
+    assert "Reusing the demo job" in out.getvalue() and "RETRAIN=1" in out.getvalue()
+    assert "Dashboard: http://127.0.0.1:8765/" in out.getvalue()
+    assert "Demo stopped" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_retrain_trains_again_and_a_stop_during_training_stops_it(
+    recorded_processes, training_file_and_model
+):
+    training_file, smollm, smoke = training_file_and_model
+    done = completed_job(training_file, smollm, smoke, name=demo_run.DEMO_JOB_NAME)
+    TrainingJob.objects.filter(pk=done.pk).update(tags=["demo"])
+    out = StringIO()
+    call_command("demo_run", "--retrain", "--grace", "1", stdout=out)
+    assert recorded_processes == ["train"]  # Ctrl-C during training: nothing else starts
+    assert "Stopping the demo (SIGINT)" in out.getvalue()
+
+
+@pytest.fixture
+def training_file_and_model(db):
+    training_file = training_file_create(
+        name="advisor", upload=io.BytesIO(conversations()), user=None
+    )
+    return (
+        training_file,
+        BaseModel.objects.get(name="SmolLM2-135M-Instruct"),
+        Preset.objects.get(key="smoke"),
+    )

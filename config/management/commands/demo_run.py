@@ -303,12 +303,14 @@ class Command(BaseCommand):
         supervisor = Supervisor(
             env=env, log_dir=log_dir, grace=grace, stdout=self.stdout, state_file=state_file
         )
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, supervisor.on_signal)
+        previous = {
+            sig: signal.signal(sig, supervisor.on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
 
         python = sys.executable
         manage = str(Path(settings.BASE_DIR) / "manage.py")
-        celery = str(Path(python).with_name("celery"))
+        celery = [python, "-m", "celery"]  # the same interpreter, whatever its bin/ holds
         try:
             if not no_train:
                 job = None if retrain else demo_job_to_reuse()
@@ -352,19 +354,19 @@ class Command(BaseCommand):
             supervisor.start("web", [python, manage, "runserver", f"{host}:{port}", "--noreload"])
             supervisor.start(
                 "worker-control",
-                [celery, "-A", "config", "worker", "-Q", "control", "-c", "2", "-n",
+                [*celery, "-A", "config", "worker", "-Q", "control", "-c", "2", "-n",
                  "control@%h", "--loglevel=INFO"],
                 stop_signal=COLD_SHUTDOWN,
             )  # fmt: skip
             supervisor.start(
                 "worker-long",
-                [celery, "-A", "config", "worker", "-Q", "long", "-c", "1", "-n", "long@%h",
+                [*celery, "-A", "config", "worker", "-Q", "long", "-c", "1", "-n", "long@%h",
                  "--loglevel=INFO"],
                 stop_signal=COLD_SHUTDOWN,
             )  # fmt: skip
             supervisor.start(
                 "beat",
-                [celery, "-A", "config", "beat", "--loglevel=INFO",
+                [*celery, "-A", "config", "beat", "--loglevel=INFO",
                  "--pidfile", str(run_dir / "celerybeat.pid")],
             )  # fmt: skip
             self._banner(url, log_dir)
@@ -378,6 +380,10 @@ class Command(BaseCommand):
         except BaseException:
             supervisor.stop_all()
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            lock.close()
 
     def _banner(self, url: str, log_dir: Path) -> None:
         from rest_framework.authtoken.models import Token
