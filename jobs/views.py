@@ -62,6 +62,23 @@ def _models(query: str):
     return list(models[: MODEL_ROWS + 1])
 
 
+def _judge() -> dict:
+    """Which model the LLM judge calls (settings), and whether the gateway would accept it."""
+    from django.conf import settings
+
+    key = settings.EVALUATION_JUDGE_MODEL
+    model = RegisteredModel.objects.select_related("provider").filter(key=key).first()
+    if model is None:
+        problem = "not in the registry"
+    elif not (model.enabled and model.provider.enabled):
+        problem = "disabled"
+    elif not (model.is_priced or model.allow_unpriced):
+        problem = "unpriced"
+    else:
+        problem = ""
+    return {"mode": settings.EVALUATION_JUDGE, "model": key, "problem": problem}
+
+
 def _context(request: HttpRequest, **extra) -> dict:
     obj = GatewaySettings.load()
     overridden = obj.overridden_by_env()
@@ -97,6 +114,7 @@ def _context(request: HttpRequest, **extra) -> dict:
         "kinds": Provider.Kind.choices,
         "breakers": breakers,
         "open_breakers": [s for s, b in breakers.items() if b.get("state") != "closed"],
+        "judge": _judge(),
     }
     return context | extra
 

@@ -64,6 +64,18 @@ def test_page_is_for_admins_only():
 
 
 @pytest.mark.django_db
+def test_the_page_says_which_model_the_judge_calls(admin, settings):
+    settings.EVALUATION_JUDGE = "endpoint"
+    settings.EVALUATION_JUDGE_MODEL = "nowhere/judge"
+    assert "not in the registry" in admin.get(URL).content.decode()
+    settings.EVALUATION_JUDGE_MODEL = "offline/smollm2-135m-instruct"
+    html = admin.get(URL).content.decode()
+    assert (
+        '<code>offline/smollm2-135m-instruct</code> <span class="badge badge-success">ready' in html
+    )
+
+
+@pytest.mark.django_db
 def test_sidebar_link_only_for_admins():
     client, _ = signed_in(Role.ENGINEER)
     assert 'href="/settings/models/"' not in client.get("/").content.decode()
