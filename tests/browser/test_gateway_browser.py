@@ -99,3 +99,46 @@ def test_admin_tests_a_provider_refreshes_and_enables_a_model(
     assert llama.allow_unpriced
     assert _console_errors(browser) == []
     _shoot_full_page(browser, "gateway-settings.png")
+
+
+def test_budgets_page_shows_llm_spend_next_to_gpu(browser, live_server, grace):
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from billing.models import LlmCall
+    from billing.services import month_start
+
+    common = {
+        "provider": "hf-router",
+        "day": timezone.localdate(),
+        "month": month_start(),
+        "latency_ms": 420,
+        "attempts": 1,
+    }
+    for n in range(3):
+        LlmCall.objects.create(
+            feature="judge",
+            model="hf-router/meta-llama/Llama-3.1-8B-Instruct",
+            prompt_tokens=900,
+            completion_tokens=60,
+            cost=Decimal("0.000216"),
+            cached=n == 2,
+            **common,
+        )
+    LlmCall.objects.create(
+        feature="playground",
+        model="offline/smollm2-135m-instruct",
+        prompt_tokens=40,
+        completion_tokens=90,
+        **common,
+    )
+    _sign_in(browser, live_server, "grace", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+    browser.get(f"{live_server.url}/budgets/")
+    section = _wait(browser).until(ec.visibility_of_element_located((By.ID, "llm-spend")))
+    assert "GPU and LLM spend" in section.text and "4 LLM calls" in section.text
+    assert "hf-router/meta-llama/Llama-3.1-8B-Instruct" in section.text
+    assert "judge" in section.text and "playground" in section.text
+    assert _console_errors(browser) == []
+    _shoot_full_page(browser, "budgets-llm-spend.png")
