@@ -943,6 +943,10 @@ def llm_call_record(
         call.save()
         return call
     with transaction.atomic():
+        # The budget row's lock serialises the settlement with reservations: on PostgreSQL
+        # (READ COMMITTED: one snapshot per statement) a reservation reading the spend, then
+        # the holds, could otherwise miss a call settled between its two reads.
+        MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
         call.save()
         LlmReservation.objects.filter(pk=reservation.pk).delete()
     return call
