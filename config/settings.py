@@ -228,6 +228,7 @@ CELERY_TASK_QUEUES = (
 CELERY_TASK_ROUTES = {
     "evaluation.tasks.execute_validation_run": {"queue": "long"},
     "corpora.tasks.export_run": {"queue": "long"},
+    "corpora.tasks.knowledge_base_build": {"queue": "long"},
     "training.tasks.run_playground": {"queue": "long"},
     "jobs.tasks.refresh_gateway_models": {"queue": "control"},
 }

@@ -12,6 +12,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from config.longtasks import LongTaskFields
+
 
 class CorpusQuerySet(models.QuerySet):
     def with_uploader(self):
@@ -367,3 +369,110 @@ class Export(models.Model):
         self.error = message[:2000]
         self.finished_at = timezone.now()
         self.save(update_fields=["status", "error", "finished_at"])
+
+
+# --- RAG knowledge bases (corpora/rag/) --------------------------------------------------------
+
+
+class KnowledgeBaseQuerySet(models.QuerySet):
+    def for_list(self):
+        return self.select_related("created_by").prefetch_related("corpora")
+
+
+class KnowledgeBase(LongTaskFields):
+    """A vector index over the chunks of one or more corpora (all, or those matching a
+    metadata filter), embedded with one registry embedding model.
+
+    The vectors live in storage, one ``.npy`` file per segment (normalised float32) beside a
+    ``.npy`` of the chunk ids; ``manifest`` lists the visible segments, their tombstoned rows
+    and the approximate index, and is switched with ``version`` in one UPDATE when a build or
+    update finishes, so a query never sees a half-written index.
+    """
+
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building"
+        READY = "ready", "Ready"
+        UPDATING = "updating", "Updating"
+        FAILED = "failed", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    corpora = models.ManyToManyField(Corpus, related_name="knowledge_bases")
+    chunk_filter = models.JSONField(
+        default=dict, blank=True, help_text="Equality filter on chunk or document metadata"
+    )
+    embedding_model = models.CharField(max_length=300, default="offline/all-minilm-l6-v2")
+    dimensions = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING)
+    progress = models.FloatField(default=0.0, help_text="0 to 1, of the running build")
+    progress_message = models.CharField(max_length=300, blank=True)
+    error = models.TextField(blank=True)
+    version = models.PositiveIntegerField(default=0, help_text="0 until the first build")
+    manifest = models.JSONField(default=dict, blank=True)
+    chunk_count = models.PositiveIntegerField(default=0, help_text="Visible vectors")
+    document_count = models.PositiveIntegerField(default=0)
+    tombstone_count = models.PositiveIntegerField(default=0)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    checksum = models.CharField(
+        max_length=64, blank=True, help_text="SHA-256 over (chunk id, content hash) of its chunks"
+    )
+    recall_at_10 = models.FloatField(
+        null=True, blank=True, help_text="Approximate index against exact search, at build"
+    )
+    last_build = models.JSONField(default=dict, blank=True, help_text="Counts of the last run")
+    update_requested = models.BooleanField(default=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    built_at = models.DateTimeField(null=True, blank=True, help_text="First build finished")
+    refreshed_at = models.DateTimeField(null=True, blank=True, help_text="Last update finished")
+
+    objects = KnowledgeBaseQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_queryable(self) -> bool:
+        return self.version > 0
+
+    @property
+    def is_working(self) -> bool:
+        return self.status in (self.Status.BUILDING, self.Status.UPDATING)
+
+    @property
+    def progress_percent(self) -> int:
+        return round(self.progress * 100)
+
+    @property
+    def is_approximate(self) -> bool:
+        return bool((self.manifest or {}).get("ann"))
+
+
+class KnowledgeBaseEntry(models.Model):
+    """One embedded chunk of a knowledge base: where its vector is (segment, row) and the
+    content hash it was embedded from. A removed or changed chunk's entry is tombstoned (its
+    row is hidden from search) until a compaction rewrites the segments."""
+
+    knowledge_base = models.ForeignKey(
+        KnowledgeBase, on_delete=models.CASCADE, related_name="entries"
+    )
+    chunk_id = models.BigIntegerField(help_text="corpora.Chunk id (no FK: corpora replace chunks)")
+    document_id = models.BigIntegerField()
+    content_hash = models.CharField(max_length=64)
+    segment = models.PositiveIntegerField()
+    row = models.PositiveIntegerField()
+    tombstoned = models.BooleanField(default=False)
+
+    class Meta:
+        indexes = [models.Index(fields=["knowledge_base", "chunk_id"], name="kb_entry_chunk")]
+
+    def __str__(self) -> str:
+        return f"{self.knowledge_base_id}:{self.chunk_id}@{self.segment}/{self.row}"

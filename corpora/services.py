@@ -376,3 +376,15 @@ def export_run(*, export_id: uuid.UUID | str) -> Export | None:
         export.mark_failed(f"{type(exc).__name__}: {message}")
         return export
     return export
+
+
+def corpus_document_delete(*, document: Document) -> None:
+    """Remove one document and its chunks from its corpus (counts and checksum refreshed).
+    Knowledge bases over the corpus stop returning its chunks at once (retrieval reads the
+    chunks back); their next update tombstones the vectors."""
+    with transaction.atomic():
+        corpus = Corpus.objects.select_for_update().get(pk=document.corpus_id)
+        Chunk.objects.filter(document=document).delete()
+        Document.objects.filter(pk=document.pk).delete()
+        _refresh(corpus, notes=[], summary=None)
+        corpus.save()

@@ -42,3 +42,52 @@ def recover_exports() -> list[str]:
         after_s=EXPORT_TIME_LIMIT + 120,
         enqueue=lambda pk: export_run_task.delay(pk),
     )
+
+
+# --- RAG knowledge bases ----------------------------------------------------------------------
+
+KB_SOFT_TIME_LIMIT = 3600
+KB_TIME_LIMIT = 3700
+
+
+@shared_task(
+    name="corpora.tasks.knowledge_base_build",
+    acks_late=True,
+    soft_time_limit=KB_SOFT_TIME_LIMIT,
+    time_limit=KB_TIME_LIMIT,
+)
+def knowledge_base_build_task(kb_id: str) -> str | None:
+    """Build or update a knowledge base (a second delivery finds it claimed: nothing)."""
+    from corpora.rag.services import knowledge_base_refresh
+
+    kb = knowledge_base_refresh(kb_id=kb_id)
+    return kb.status if kb else None
+
+
+@recoverer("knowledge_bases")
+def recover_knowledge_bases() -> dict:
+    """A build whose worker stopped heartbeating is released and enqueued again (its claim is
+    cleared, so the next delivery claims it afresh); after LONG_TASK_MAX_ATTEMPTS it fails."""
+    from django.conf import settings
+    from django.utils import timezone
+
+    from config.longtasks import stale_cutoff, stale_q
+    from corpora.models import KnowledgeBase
+
+    working = [KnowledgeBase.Status.BUILDING, KnowledgeBase.Status.UPDATING]
+    cutoff = stale_cutoff()
+    requeued, failed = [], []
+    stale = KnowledgeBase.objects.filter(stale_q(cutoff), status__in=working).exclude(claimed_by="")
+    for pk, attempts, version in stale.values_list("pk", "attempts", "version"):
+        mine = KnowledgeBase.objects.filter(stale_q(cutoff), pk=pk, status__in=working).exclude(
+            claimed_by=""
+        )
+        if attempts >= settings.LONG_TASK_MAX_ATTEMPTS:
+            status = KnowledgeBase.Status.READY if version else KnowledgeBase.Status.FAILED
+            if mine.update(status=status, claimed_by="", error="Its worker stopped repeatedly."):
+                failed.append(str(pk))
+            continue
+        if mine.update(claimed_by="", heartbeat_at=timezone.now()):
+            requeued.append(str(pk))
+            knowledge_base_build_task.delay(str(pk))
+    return {"requeued": requeued, "failed": failed}
