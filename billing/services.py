@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q, Subquery, Sum
 from django.utils import timezone
 
 from billing import conf
@@ -831,6 +831,43 @@ def llm_reserved(*, month: date, now: datetime | None = None) -> Decimal:
     return total or Decimal(0)
 
 
+def _llm_spend_and_holds(month: date, now: datetime) -> tuple[Decimal, Decimal]:
+    """(month_spent, llm_reserved) in one query: GPU and old LLM ledger entries plus gateway
+    calls, and the unexpired LLM reservations."""
+    ledger = LedgerEntry.objects.filter(month=month).values("month").annotate(s=Sum("amount"))
+    calls = LlmCall.objects.filter(month=month).values("month").annotate(s=Sum("cost"))
+    holds = (
+        LlmReservation.objects.filter(month=month, expires_at__gt=now)
+        .values("month")
+        .annotate(s=Sum("amount"))
+    )
+    row = (
+        MonthlyBudget.objects.filter(month=month)
+        .annotate(
+            ledger=Subquery(ledger.values("s")[:1]),
+            calls=Subquery(calls.values("s")[:1]),
+            holds=Subquery(holds.values("s")[:1]),
+        )
+        .values("ledger", "calls", "holds")
+        .first()
+    ) or {}
+
+    def dec(value) -> Decimal:
+        return Decimal(str(value)).quantize(NANO) if value is not None else Decimal(0)
+
+    return money(dec(row.get("ledger")) + dec(row.get("calls"))), dec(row.get("holds"))
+
+
+def _jobs_held() -> Decimal:
+    """What active training jobs still expect to spend (their reservations not accrued)."""
+    from training.models import ACTIVE_STATUSES
+
+    costs = JobCost.objects.filter(job__status__in=ACTIVE_STATUSES).only(
+        "projection", "estimate_cost", "reserved", "accrued"
+    )
+    return money(sum((_remaining(c) for c in costs), Decimal(0)))
+
+
 def llm_reservations_expire(*, now: datetime | None = None) -> int:
     """Delete reservations past their expiry (their process died before settling)."""
     deleted, _ = LlmReservation.objects.filter(expires_at__lte=now or timezone.now()).delete()
@@ -858,10 +895,13 @@ def llm_budget_reserve(
     month = month_start()
     now = timezone.now()
     with transaction.atomic():
-        budget = _budget_locked(month)
-        spent = month_spent(month=month)
-        llm_held = llm_reserved(month=month, now=now)
-        jobs_held = money(sum((_remaining(c) for c in _active_costs()), Decimal(0)))
+        # The hot path of every priced LLM call: the month's row locked in one query when it
+        # exists, and the spend, holds and active jobs read in three.
+        budget = MonthlyBudget.objects.select_for_update().filter(month=month).first()
+        if budget is None:
+            budget = _budget_locked(month)
+        spent, llm_held = _llm_spend_and_holds(month, now)
+        jobs_held = _jobs_held()
         if spent + llm_held + jobs_held + amount > budget.amount:
             raise BudgetExceeded(
                 f"This LLM call would take {month:%B %Y} over its budget: spent ${spent}, "

@@ -99,9 +99,22 @@ class Result:
 # --- Settings -----------------------------------------------------------------------------------
 
 
+SETTINGS_TTL_S = 2.0
+_settings_cache: tuple[float, int, dict] | None = None
+
+
 def settings_effective() -> dict:
-    """GatewaySettings (the settings page) with environment variables winning."""
-    return GatewaySettings.load().effective()
+    """GatewaySettings (the settings page) with environment variables winning; kept for
+    SETTINGS_TTL_S in each process (a save in this process drops it at once)."""
+    global _settings_cache
+    now = time.monotonic()
+    cached = _settings_cache
+    if cached and cached[0] > now and cached[1] == GatewaySettings.version:
+        return cached[2]
+    version = GatewaySettings.version
+    values = GatewaySettings.load().effective()
+    _settings_cache = (now + SETTINGS_TTL_S, version, values)
+    return values
 
 
 # --- Models -------------------------------------------------------------------------------------
@@ -183,7 +196,8 @@ def _with_retries(
     secrets = adapter.secrets()
     last: ProviderCallError | None = None
     for attempt in range(1, attempts + 1):
-        wait = breaker.before_call()
+        # The first attempt was cleared by the caller's check; retries look again.
+        wait = breaker.before_call() if attempt > 1 else None
         if wait is not None:
             raise CircuitOpen(
                 f"Provider '{model.provider.slug}' is failing; calls to it are paused "

@@ -1,0 +1,115 @@
+"""What the model gateway adds to an LLM call.
+
+Subject: ``gateway.chat`` (model lookup, settings, cache key, breaker state, budget reservation
+and settlement, the LlmCall ledger row, the openai SDK call) against the loopback
+OpenAI-compatible server of the tests. Baseline: the same request sent directly with the
+openai SDK (its own client, retries off) to the same server, alternating order in the same run.
+Targets: under 2 ms median added; a cache hit under 1 ms in-process.
+
+Variants: "miss" (a priced model, default cache: reservation, ledger row, and the answer
+stored), "no-store" (the same without the cache write), "free" (price 0: no reservation) and
+"hit" (the stored answer; no request).
+"""
+
+import logging
+import statistics
+import time
+from decimal import Decimal
+
+N = 300
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _report(name: str, gateway_ms: list[float], direct_ms: list[float]) -> None:
+    added = [g - d for g, d in zip(gateway_ms, direct_ms, strict=True)]
+    print(
+        f"{name:>9}: direct median {statistics.median(direct_ms):.2f} ms, gateway median "
+        f"{statistics.median(gateway_ms):.2f} ms; added median "
+        f"{statistics.median(gateway_ms) - statistics.median(direct_ms):.2f} ms "
+        f"(paired median {statistics.median(added):.2f} ms), p99 gateway "
+        f"{_pct(gateway_ms, 0.99):.2f} vs direct {_pct(direct_ms, 0.99):.2f} ms "
+        f"(p99 added {_pct(gateway_ms, 0.99) - _pct(direct_ms, 0.99):.2f} ms); ratio "
+        f"{statistics.median(gateway_ms) / statistics.median(direct_ms):.2f}"
+    )
+
+
+def main() -> None:
+    import openai
+
+    from billing import services as billing
+    from jobs import gateway
+    from jobs.models import Provider, RegisteredModel
+    from tests.jobs.openai_server import OpenAIServer
+
+    for name in ("crucible.gateway", "httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    server = OpenAIServer()
+    try:
+        provider = Provider.objects.create(
+            slug="bench", name="Bench loopback", kind="openai", base_url=server.url
+        )
+        priced = RegisteredModel.objects.create(
+            provider=provider,
+            remote_id="bench-chat",
+            price_input_per_m=Decimal("0.5"),
+            price_output_per_m=Decimal("1.5"),
+            capabilities=["chat"],
+        )
+        free = RegisteredModel.objects.create(
+            provider=provider,
+            remote_id="bench-free",
+            price_input_per_m=0,
+            price_output_per_m=0,
+            capabilities=["chat"],
+        )
+        billing.budget_set(user=None, amount=Decimal("1000000"))
+        direct = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0)
+        body = {"messages": [{"role": "user", "content": "How much is a latte?"}], "max_tokens": 16}
+
+        def call_direct() -> float:
+            started = time.perf_counter()
+            direct.chat.completions.create(model="bench-chat", **body)
+            return (time.perf_counter() - started) * 1000
+
+        def call_gateway(model, **kw) -> float:
+            started = time.perf_counter()
+            gateway.chat(model=model.key, request=body, **kw)
+            return (time.perf_counter() - started) * 1000
+
+        variants = {
+            "miss": lambda i: call_gateway(priced, run_index=i),
+            "no-store": lambda i: call_gateway(priced, cache="no-store"),
+            "free": lambda i: call_gateway(free, cache="no-store"),
+        }
+        for name, fn in variants.items():
+            for i in range(20):  # warm-up: connections, imports, the first queries
+                fn(-1 - i)
+                call_direct()
+            gateway_ms, direct_ms = [], []
+            for i in range(N):
+                if i % 2:
+                    direct_ms.append(call_direct())
+                    gateway_ms.append(fn(i))
+                else:
+                    gateway_ms.append(fn(i))
+                    direct_ms.append(call_direct())
+            _report(name, gateway_ms, direct_ms)
+
+        gateway.chat(model=priced.key, request=body)  # store it
+        hits = []
+        for _ in range(N):
+            started = time.perf_counter()
+            result = gateway.chat(model=priced.key, request=body)
+            hits.append((time.perf_counter() - started) * 1000)
+            assert result.meta.cached
+        print(
+            f"      hit: median {statistics.median(hits):.2f} ms, p99 {_pct(hits, 0.99):.2f} ms "
+            f"(lookup + ledger row; no request); vs a direct call: "
+            f"{statistics.median(hits) / statistics.median(direct_ms):.2f}x"
+        )
+    finally:
+        server.close()
