@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from typing import ClassVar
 
 from django.conf import settings
 from django.db import models
@@ -187,10 +188,13 @@ class GatewaySettings(models.Model):
     def __str__(self) -> str:
         return "Gateway settings"
 
+    version: ClassVar[int] = 0  # bumped on save: this process drops its cached copy
+
     def save(self, *args, **kwargs):
         self.pk = 1
         self.updated_at = timezone.now()
         super().save(*args, **kwargs)
+        GatewaySettings.version += 1
 
     @classmethod
     def load(cls) -> GatewaySettings:
