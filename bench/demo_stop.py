@@ -9,6 +9,7 @@ its environment, so the check also finds processes that left the demo's process 
     .venv/bin/python bench/demo_stop.py              # the whole demo, training included
     .venv/bin/python bench/demo_stop.py --no-train   # serving only (what the fast test runs)
     .venv/bin/python bench/demo_stop.py --signal INT
+    .venv/bin/python bench/demo_stop.py --after-kill  # a SIGKILLed demo, then the next one
 
 Exits 1 when something is left (and kills it).
 """
@@ -147,6 +148,87 @@ def run(*, train: bool = False, sig: str = "TERM", ready_timeout: float = 600.0)
         out.close()
 
 
+def _ready(port: int, logs: Path, since: dict[str, int]) -> bool:
+    """/healthz answers and both workers and beat logged their start after ``since``."""
+    wanted = {"worker-control": "ready.", "worker-long": "ready.", "beat": "beat: Starting"}
+    for name, text in wanted.items():
+        try:
+            with open(logs / f"{name}.log", "rb") as handle:
+                handle.seek(since.get(name, 0))
+                if text.encode() not in handle.read():
+                    return False
+        except OSError:
+            return False
+    return _healthy(f"http://127.0.0.1:{port}/healthz")
+
+
+def _log_sizes(logs: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_size for p in logs.glob("*.log")} if logs.is_dir() else {}
+
+
+def run_after_kill(*, ready_timeout: float = 300.0) -> dict:
+    """A demo whose supervisor was SIGKILLed leaves its processes (its signal handler never
+    ran); the next demo stops them before it starts, so there is one beat, not two."""
+    data_dir = Path(tempfile.mkdtemp(prefix="crucible-demo-stale-"))
+    first_marker, second_marker = uuid.uuid4().hex, uuid.uuid4().hex
+    env = {**os.environ, "CRUCIBLE_DATA_DIR": str(data_dir)}
+    env.pop("CRUCIBLE_PUBLIC_URL", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    logs = data_dir / "log"
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(marker: str) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        since = _log_sizes(logs)
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "manage.py", "demo_run", "--no-train", "--port", str(port)],
+            cwd=ROOT,
+            env={**env, MARKER_ENV: marker},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        deadline = time.monotonic() + ready_timeout
+        while not _ready(port, logs, since):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"demo_run not ready (exit {proc.poll()})")
+            time.sleep(0.5)
+        return proc, port
+
+    figures: dict = {}
+    try:
+        first, _ = start(first_marker)
+        first.kill()  # SIGKILL: no clean-up by the supervisor
+        first.wait()
+        time.sleep(1)
+        figures["orphans_after_kill"] = len(marked(first_marker))
+        second, _ = start(second_marker)
+        figures["first_left_after_second_start"] = [
+            " ".join(_cmdline(p))[:120] for p in marked(first_marker)
+        ]
+        figures["beats"] = sum(
+            1
+            for p in marked(second_marker) + marked(first_marker)
+            if "beat" in _cmdline(p) and "-m" in _cmdline(p)
+        )
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+        time.sleep(0.5)
+        figures["left"] = [
+            " ".join(_cmdline(p))[:120] for p in marked(first_marker) + marked(second_marker)
+        ]
+        return figures
+    finally:
+        for marker in (first_marker, second_marker):
+            for proc in marked(marker):
+                with_suppress(proc.kill)
+        for proc in procs:
+            if proc.poll() is None:
+                with_suppress(proc.kill)
+
+
 def _cmdline(proc: psutil.Process) -> list[str]:
     try:
         return proc.cmdline()
@@ -170,7 +252,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-train", action="store_true", help="Skip the demo training step")
     parser.add_argument("--signal", choices=["TERM", "INT"], default="TERM")
+    parser.add_argument(
+        "--after-kill", action="store_true", help="SIGKILL a demo, then check the next one"
+    )
     args = parser.parse_args()
+    if args.after_kill:
+        figures = run_after_kill()
+        print(
+            f"after SIGKILL: {figures['orphans_after_kill']} orphans; the next demo left "
+            f"{len(figures['first_left_after_second_start'])} of them and ran "
+            f"{figures['beats']} beat; left after stopping it: {len(figures['left'])}"
+        )
+        return 1 if figures["left"] or figures["first_left_after_second_start"] else 0
     figures = run(train=not args.no_train, sig=args.signal)
     print(
         f"demo ready in {figures['ready_s']} s with {figures['processes']} processes; "

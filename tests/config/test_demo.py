@@ -153,3 +153,14 @@ def training_file_and_model(db):
         BaseModel.objects.get(name="SmolLM2-135M-Instruct"),
         Preset.objects.get(key="smoke"),
     )
+
+
+@pytest.mark.slow
+def test_a_demo_killed_with_sigkill_is_cleaned_up_by_the_next_one():
+    """SIGKILL skips the supervisor's clean-up; the next demo stops what it left (never two
+    beat schedulers) and leaves nothing itself."""
+    figures = _bench().run_after_kill(ready_timeout=300)
+    assert figures["orphans_after_kill"] >= 4  # web, two workers, beat (+ pools) survived it
+    assert figures["first_left_after_second_start"] == []
+    assert figures["beats"] == 1
+    assert figures["left"] == []
