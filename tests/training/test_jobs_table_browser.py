@@ -69,3 +69,19 @@ def test_jobs_table_shows_its_last_column_at_1400px(browser, live_server, ada, w
     assert geometry["lastRight"] <= geometry["wrapRight"] + 1, geometry
     assert geometry["cellRight"] <= geometry["viewport"], geometry
     assert geometry["pageScroll"] <= geometry["viewport"] + 1, geometry
+
+
+def test_new_job_preset_cards_show_the_chosen_files_figures(browser, live_server, ada):  # noqa: F811
+    from corpora.services import training_file_create
+    from tests.training.conftest import conversations
+
+    training_file_create(name="advisor-v2", upload=io.BytesIO(conversations(12)), user=ada)
+    browser.set_window_size(1400, 1100)
+    _sign_in(browser, live_server, "ada", PASSWORD)
+    browser.get(f"{live_server.url}/training/new/")
+    figures = _wait(browser).until(
+        ec.visibility_of_element_located((By.ID, "preset-figures-balanced"))
+    )
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", figures)
+    _shoot(browser, "new-job-preset-cards.png")
+    assert "On advisor-v2:" in figures.text and "step" in figures.text
