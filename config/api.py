@@ -160,6 +160,7 @@ def _register_routers() -> None:
     from corpora.api import router as corpora_router
     from evaluation.api import router as evaluation_router
     from jobs.api import router as gateway_router
+    from jobs.batch.api import router as batch_router
     from training.api import router as training_router
     from training.api_tools import router as training_tools_router
 
@@ -170,6 +171,7 @@ def _register_routers() -> None:
     api.add_router("", billing_router)
     api.add_router("", evaluation_router)
     api.add_router("", gateway_router)
+    api.add_router("", batch_router)
 
 
 _register_routers()

@@ -231,6 +231,8 @@ CELERY_TASK_ROUTES = {
     "corpora.tasks.knowledge_base_build": {"queue": "long"},
     "training.tasks.run_playground": {"queue": "long"},
     "jobs.tasks.refresh_gateway_models": {"queue": "control"},
+    "jobs.batch.tasks.batch_run_task": {"queue": "long"},
+    "jobs.batch.tasks.batch_dispatch": {"queue": "control"},
 }
 # A long task that holds a status row writes a heartbeat with its progress while it works
 # (every few seconds, config/longtasks.py); a running row whose heartbeat is older than

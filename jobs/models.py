@@ -228,3 +228,7 @@ class RateLimitWindow(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+# Batch LLM jobs (issue 14) keep their models in jobs/batch/models.py.
+from jobs.batch.models import BatchJob, BatchStats, BatchTask, Framework, FrameworkVersion  # noqa: E402,F401,I001

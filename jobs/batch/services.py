@@ -1,0 +1,929 @@
+"""Batch LLM job workflows: framework sync, planning (validation, task count, token and cost
+estimate, budget check), creation with the frozen audit record, bulk task creation, bounded
+dispatch per model, the task run through the gateway, pause/resume/cancel, crash recovery and
+the OpenAI batch JSONL exports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import subprocess
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Q, Sum
+from django.utils import timezone
+
+from config import longtasks
+from config.errors import Conflict, InvalidInput, NotFound
+from corpora import filters as corpus_filters
+from corpora.models import Chunk, Corpus
+from jobs import gateway
+from jobs.batch.frameworks import FrameworkError, all_frameworks, render_messages, validate_answer
+from jobs.batch.models import BatchJob, BatchTask, Framework, FrameworkVersion
+from jobs.models import GatewaySettings, RegisteredModel
+
+logger = logging.getLogger("crucible.batch")
+
+RUNS_MIN, RUNS_MAX = 1, 20
+MAX_TASKS = 1_000_000
+BULK_BATCH = 2_000
+# Dispatch window: at most what a model's rate limit serves in this many seconds sits queued
+# or running; a model without a rate limit gets BATCH_MAX_WINDOW.
+WINDOW_S = 10.0
+MAX_WINDOW = 64
+TASK_MAX_ATTEMPTS = 4  # task-level tries after the gateway's own retries are exhausted
+DECODING_KEYS = {"temperature", "top_p", "max_tokens", "seed", "presence_penalty",
+                 "frequency_penalty", "stop"}  # fmt: skip
+DEFAULT_DECODING = {"temperature": 0.7, "max_tokens": 128}
+CHARS_PER_TOKEN = 4  # the estimate's prompt tokens: characters / 4 (the gateway counts exactly)
+
+
+def _invalid(field_name: str, message: str) -> InvalidInput:
+    return InvalidInput(message, details={"fields": [{"field": field_name, "message": message}]})
+
+
+# --- Frameworks ---------------------------------------------------------------------------------
+
+
+def framework_sync() -> list[FrameworkVersion]:
+    """Load jobs/frameworks/*.json into the database: a new version becomes a row; a known
+    version whose content changed is refused (FrameworkError): content never changes under a
+    version."""
+    out = []
+    for name, spec in all_frameworks().items():
+        fw, _ = Framework.objects.get_or_create(
+            name=name,
+            defaults={"title": spec.data["title"], "description": spec.data["description"]},
+        )
+        row = FrameworkVersion.objects.filter(framework=fw, version=spec.version).first()
+        if row is None:
+            row = FrameworkVersion.objects.create(
+                framework=fw, version=spec.version, sha256=spec.sha256, content=spec.data
+            )
+            Framework.objects.filter(pk=fw.pk).update(
+                title=spec.data["title"], description=spec.data["description"]
+            )
+        elif row.sha256 != spec.sha256:
+            raise FrameworkError(
+                f"framework {name!r} {spec.version} was edited without a new version "
+                f"(stored sha256 {row.sha256[:12]}, file {spec.sha256[:12]}); raise its version "
+                "with `manage.py frameworks_lock --bump patch " + name + "`",
+                pointer="/version",
+            )
+        out.append(row)
+    return out
+
+
+def framework_resolve(ref: str) -> FrameworkVersion:
+    """``name`` (the newest version) or ``name@version``."""
+    name, _, version = str(ref).partition("@")
+    qs = FrameworkVersion.objects.select_related("framework").filter(framework__name=name)
+    if version:
+        qs = qs.filter(version=version)
+    row = qs.order_by("-created_at", "-pk").first()
+    if row is None:
+        raise _invalid("frameworks", f"Unknown framework {ref!r}.")
+    return row
+
+
+# --- Planning -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    corpus: Corpus
+    chunk_ids: list[int]
+    frameworks: list[FrameworkVersion]
+    models: list[RegisteredModel]
+    runs: int
+    decoding: dict
+    selection: dict
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    per_model: list[dict] = field(default_factory=list)
+    budget: dict = field(default_factory=dict)
+
+    @property
+    def task_count(self) -> int:
+        return len(self.chunk_ids) * len(self.frameworks) * len(self.models) * self.runs
+
+    def as_dict(self) -> dict:
+        return {
+            "corpus": str(self.corpus.pk),
+            "chunks": len(self.chunk_ids),
+            "frameworks": [f.label for f in self.frameworks],
+            "models": [m.key for m in self.models],
+            "runs": self.runs,
+            "decoding": self.decoding,
+            "tasks": self.task_count,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": str(self.cost.quantize(Decimal("0.000001"))),
+            "per_model": self.per_model,
+            "budget": self.budget,
+        }
+
+
+def _selected_chunks(corpus: Corpus, selection: dict) -> list[int]:
+    chunk_ids = selection.get("chunk_ids") or []
+    document_ids = selection.get("document_ids") or []
+    flt = selection.get("filter") or {}
+    qs = Chunk.objects.filter(corpus=corpus)
+    if chunk_ids:
+        found = list(qs.filter(pk__in=chunk_ids).order_by("pk").values_list("pk", flat=True))
+        missing = sorted(set(chunk_ids) - set(found))
+        if missing:
+            raise _invalid("chunk_ids", f"Chunks not in this corpus: {missing[:10]}.")
+        return found
+    if document_ids:
+        docs = corpus.documents.filter(external_id__in=document_ids)
+        known = set(docs.values_list("external_id", flat=True))
+        missing = sorted(set(document_ids) - known)
+        if missing:
+            raise _invalid("document_ids", f"Documents not in this corpus: {missing[:10]}.")
+        qs = qs.filter(document__in=docs)
+    elif flt:
+        allowed = {"document_type", "language", "author", "meta", "q"}
+        unknown = sorted(set(flt) - allowed)
+        if unknown:
+            raise _invalid("filter", f"Unknown filter keys {unknown}; use {sorted(allowed)}.")
+        meta = flt.get("meta") or []
+        if isinstance(meta, str):
+            meta = [meta]
+        docs = corpus_filters.documents(
+            corpus.documents.all(),
+            q=flt.get("q") or "",
+            document_type=flt.get("document_type") or "",
+            language=flt.get("language") or "",
+            author=flt.get("author") or "",
+            meta=meta,
+        )
+        qs = qs.filter(document__in=docs.values("pk"))
+    elif not selection.get("all"):
+        raise _invalid("selection", "Select texts: chunk_ids, document_ids, a filter or all.")
+    return list(qs.order_by("document__position", "position").values_list("pk", flat=True))
+
+
+def _rate_per_minute(model: RegisteredModel) -> int | None:
+    return model.requests_per_minute or model.provider.requests_per_minute
+
+
+def window_size(model: RegisteredModel) -> int:
+    rpm = _rate_per_minute(model)
+    if not rpm:
+        return MAX_WINDOW
+    return max(1, min(MAX_WINDOW, math.ceil(rpm * WINDOW_S / 60)))
+
+
+def job_plan(
+    *,
+    corpus_id,
+    selection: dict,
+    frameworks: list[str],
+    models: list[str],
+    runs: int | None = None,
+    decoding: dict | None = None,
+) -> Plan:
+    """Validate a job's parameters and estimate it; writes nothing (frameworks are synced)."""
+    try:
+        corpus = Corpus.objects.get(pk=corpus_id)
+    except (Corpus.DoesNotExist, ValueError, TypeError) as exc:
+        raise _invalid("corpus", f"Unknown corpus {corpus_id!r}.") from exc
+    if runs is None:
+        runs = GatewaySettings.load().default_runs
+    if not isinstance(runs, int) or not RUNS_MIN <= runs <= RUNS_MAX:
+        raise _invalid("runs", f"Runs per model must be {RUNS_MIN} to {RUNS_MAX}, not {runs}.")
+    if not frameworks:
+        raise _invalid("frameworks", "Choose at least one framework.")
+    if not models:
+        raise _invalid("models", "Choose at least one model.")
+    if len(set(frameworks)) != len(frameworks) or len(set(models)) != len(models):
+        raise _invalid("frameworks", "A framework or model is listed twice.")
+    decoding = dict(DEFAULT_DECODING | (decoding or {}))
+    unknown = sorted(set(decoding) - DECODING_KEYS)
+    if unknown:
+        raise _invalid("decoding", f"Unknown decoding settings {unknown}.")
+    max_tokens = decoding.get("max_tokens")
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 8192:
+        raise _invalid("decoding", "decoding.max_tokens must be an integer from 1 to 8192.")
+    temperature = decoding.get("temperature")
+    if temperature is not None and not (
+        isinstance(temperature, int | float) and 0 <= temperature <= 2
+    ):
+        raise _invalid("decoding", "decoding.temperature must be from 0 to 2.")
+    framework_sync()
+    fws = [framework_resolve(ref) for ref in frameworks]
+    chosen = []
+    found = {
+        m.key: m for m in RegisteredModel.objects.select_related("provider").filter(key__in=models)
+    }
+    for key in models:
+        model = found.get(key)
+        if model is None:
+            raise _invalid("models", f"Unknown model {key!r}.")
+        if not (model.enabled and model.provider.enabled):
+            raise _invalid("models", f"Model {key!r} is disabled.")
+        if not model.has_capability("chat"):
+            raise _invalid("models", f"Model {key!r} cannot chat.")
+        if not (model.is_priced or model.allow_unpriced):
+            raise _invalid("models", f"Model {key!r} has no price and is not allowed unpriced.")
+        chosen.append(model)
+    chunk_ids = _selected_chunks(corpus, selection)
+    if not chunk_ids:
+        raise _invalid("selection", "The selection matches no text.")
+    plan = Plan(corpus, chunk_ids, fws, chosen, runs, decoding, selection)
+    if plan.task_count > MAX_TASKS:
+        raise _invalid("selection", f"{plan.task_count} tasks is over the limit of {MAX_TASKS}.")
+    _estimate(plan)
+    return plan
+
+
+def _estimate(plan: Plan) -> None:
+    """Prompt tokens from the characters of each chunk plus each framework's template;
+    completion tokens at max_tokens (an upper bound); prices from the registry."""
+    chunk_chars = (
+        Chunk.objects.filter(pk__in=plan.chunk_ids).aggregate(c=Sum("char_count"))["c"] or 0
+    )
+    prompt = 0
+    for fw in plan.frameworks:
+        template = len(fw.content["prompt"]["system"]) + len(fw.content["prompt"]["user"])
+        prompt += (chunk_chars + template * len(plan.chunk_ids)) // CHARS_PER_TOKEN
+    prompt *= plan.runs
+    completion = (
+        len(plan.chunk_ids) * len(plan.frameworks) * plan.runs * plan.decoding["max_tokens"]
+    )
+    total = Decimal(0)
+    for model in plan.models:
+        cost = gateway.call_cost(model, prompt, completion)
+        total += cost
+        plan.per_model.append(
+            {
+                "model": model.key,
+                "tasks": plan.task_count // len(plan.models),
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "cost": str(cost.quantize(Decimal("0.000001"))),
+                "window": window_size(model),
+                "requests_per_minute": _rate_per_minute(model),
+            }
+        )
+    plan.prompt_tokens = prompt * len(plan.models)
+    plan.completion_tokens = completion * len(plan.models)
+    plan.cost = total
+    plan.budget = budget_remaining()
+    plan.budget["fits"] = Decimal(plan.budget["remaining"]) >= total
+
+
+def budget_remaining() -> dict:
+    from billing import services as billing
+
+    month = billing.month_start()
+    budget = billing.budget_get(month=month)
+    spent = billing.month_spent(month=month)
+    reserved = billing.llm_reserved(month=month)
+    held = sum((j.estimate_cost - _job_spent(j) for j in BatchJob.objects.active()), Decimal(0))
+    remaining = Decimal(budget.amount) - Decimal(spent) - Decimal(reserved) - max(held, Decimal(0))
+    return {
+        "amount": str(budget.amount),
+        "spent": str(spent),
+        "reserved": str(reserved + max(held, Decimal(0))),
+        "remaining": str(remaining.quantize(Decimal("0.000001"))),
+    }
+
+
+def _job_spent(job: BatchJob) -> Decimal:
+    return job.tasks.aggregate(s=Sum("cost"))["s"] or Decimal(0)
+
+
+# --- Creation -----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    repo = Path(settings.BASE_DIR)
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return "git:" + out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "crucible " + version("crucible")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def task_id(job_id, chunk_id: int, framework_label: str, model_key: str, run: int) -> str:
+    raw = f"{job_id}|{chunk_id}|{framework_label}|{model_key}|{run}"
+    return "t" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _task_rows(job: BatchJob, plan: Plan) -> Iterator[BatchTask]:
+    for chunk_id in plan.chunk_ids:
+        for fw in plan.frameworks:
+            for model in plan.models:
+                for run in range(1, plan.runs + 1):
+                    yield BatchTask(
+                        id=task_id(job.pk, chunk_id, fw.label, model.key, run),
+                        job_id=job.pk,
+                        chunk_id=chunk_id,
+                        framework_version_id=fw.pk,
+                        model_key=model.key,
+                        run=run,
+                        model_revision=model.revision,
+                    )
+
+
+def tasks_bulk_create(rows: Iterable[BatchTask], *, batch_size: int = BULK_BATCH) -> int:
+    """Insert task rows from a generator in batches: memory stays flat whatever the count."""
+    count, batch = 0, []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= batch_size:
+            BatchTask.objects.bulk_create(batch, batch_size=batch_size)
+            count += len(batch)
+            batch = []
+    if batch:
+        BatchTask.objects.bulk_create(batch, batch_size=batch_size)
+        count += len(batch)
+    return count
+
+
+def _frozen(plan: Plan) -> dict:
+    chunks = (
+        Chunk.objects.filter(pk__in=plan.chunk_ids)
+        .select_related("document")
+        .only("pk", "text", "document__external_id", "position")
+    )
+    return {
+        "corpus": {
+            "id": str(plan.corpus.pk),
+            "name": plan.corpus.name,
+            "checksum": plan.corpus.checksum,
+        },  # fmt: skip
+        "frameworks": [
+            {"name": f.framework.name, "version": f.version, "sha256": f.sha256}
+            for f in plan.frameworks
+        ],
+        "models": [
+            {
+                "key": m.key,
+                "provider": m.provider.slug,
+                "remote_id": m.remote_id,
+                "revision": m.revision,
+                "parent": m.parent,
+                "price_input_per_m": str(m.price_input_per_m),
+                "price_output_per_m": str(m.price_output_per_m),
+            }
+            for m in plan.models
+        ],
+        "runs": plan.runs,
+        "decoding": plan.decoding,
+        "selection": plan.selection,
+        "chunks": [
+            {
+                "id": c.pk,
+                "document": c.document.external_id,
+                "position": c.position,
+                "sha256": hashlib.sha256(c.text.encode()).hexdigest(),
+            }
+            for c in chunks.order_by("pk")
+        ],
+        "code_version": code_version(),
+    }
+
+
+def job_create(
+    *,
+    user,
+    corpus_id,
+    selection: dict,
+    frameworks: list[str],
+    models: list[str],
+    runs: int | None = None,
+    decoding: dict | None = None,
+    name: str = "",
+    start: bool = True,
+) -> BatchJob:
+    """Plan, refuse when over budget, then create the job and its tasks in one transaction and
+    start dispatching after commit."""
+    plan = job_plan(
+        corpus_id=corpus_id,
+        selection=selection,
+        frameworks=frameworks,
+        models=models,
+        runs=runs,
+        decoding=decoding,
+    )
+    if not plan.budget["fits"]:
+        raise gateway.BudgetExceeded(
+            f"This job's estimate ({plan.cost:.4f}) is over what is left of the month's budget "
+            f"({plan.budget['remaining']}).",
+            details={"estimate": str(plan.cost), **plan.budget},
+        )
+    frozen = _frozen(plan)
+    sha = hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()
+    with transaction.atomic():
+        job = BatchJob.objects.create(
+            name=name
+            or f"{', '.join(f.framework.name for f in plan.frameworks)} on {plan.corpus.name}",
+            corpus=plan.corpus,
+            created_by=user if getattr(user, "is_authenticated", False) else None,
+            selection=selection,
+            frozen=frozen,
+            parameters_sha256=sha,
+            runs=plan.runs,
+            task_count=plan.task_count,
+            estimate_prompt_tokens=plan.prompt_tokens,
+            estimate_completion_tokens=plan.completion_tokens,
+            estimate_cost=plan.cost,
+            status=BatchJob.Status.RUNNING if start else BatchJob.Status.PAUSED,
+        )
+        tasks_bulk_create(_task_rows(job, plan))
+        if start:
+            transaction.on_commit(lambda: enqueue_dispatch(job.pk))
+    return job
+
+
+# --- Dispatch -----------------------------------------------------------------------------------
+
+
+def enqueue_dispatch(job_id) -> None:
+    from jobs.batch.tasks import batch_dispatch
+
+    batch_dispatch.delay(str(job_id))
+
+
+def _enqueue_task(task_id_: str) -> None:
+    from jobs.batch.tasks import batch_run_task
+
+    batch_run_task.delay(task_id_)
+
+
+def job_dispatch(*, job_id, enqueue: Callable[[str], object] | None = None) -> dict:
+    """Top up each model's window: move pending tasks to queued (at most the window minus what
+    is queued or running) and enqueue them. Returns {model: queued now}."""
+    enqueue = enqueue or _enqueue_task
+    job = BatchJob.objects.filter(pk=job_id).first()
+    if job is None or job.status != BatchJob.Status.RUNNING:
+        return {}
+    models = {
+        m.key: m
+        for m in RegisteredModel.objects.select_related("provider").filter(
+            key__in=[m["key"] for m in job.frozen["models"]]
+        )
+    }
+    open_counts = dict(
+        job.tasks.filter(status__in=(BatchTask.Status.QUEUED, BatchTask.Status.RUNNING))
+        .values_list("model_key")
+        .annotate(n=Count("pk"))
+    )
+    now = timezone.now()
+    out = {}
+    for key, model in models.items():
+        room = window_size(model) - open_counts.get(key, 0)
+        if room <= 0:
+            continue
+        ids = list(
+            job.tasks.filter(model_key=key, status=BatchTask.Status.PENDING)
+            .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+            .order_by("id")
+            .values_list("pk", flat=True)[:room]
+        )
+        if not ids:
+            continue
+        token = uuid.uuid4().hex
+        BatchTask.objects.filter(pk__in=ids, status=BatchTask.Status.PENDING).update(
+            status=BatchTask.Status.QUEUED, dispatch_token=token, queued_at=now
+        )
+        mine = list(
+            BatchTask.objects.filter(pk__in=ids, dispatch_token=token, status="queued").values_list(
+                "pk", flat=True
+            )
+        )
+        for pk in mine:
+            enqueue(pk)
+        out[key] = len(mine)
+    return out
+
+
+def job_finish_if_done(job_id) -> bool:
+    """Mark a running job completed (or failed when some task failed) once no task is open."""
+    job = BatchJob.objects.filter(pk=job_id).only("status").first()
+    if job is None or job.status != BatchJob.Status.RUNNING:
+        return False
+    if BatchTask.objects.filter(job_id=job_id, status__in=BatchTask.OPEN).exists():
+        return False
+    failed = BatchTask.objects.filter(job_id=job_id, status=BatchTask.Status.FAILED).exists()
+    status = BatchJob.Status.FAILED if failed else BatchJob.Status.COMPLETED
+    done = (
+        BatchJob.objects.filter(pk=job_id, status=BatchJob.Status.RUNNING).update(
+            status=status, finished_at=timezone.now()
+        )
+        == 1
+    )
+    if done:
+        from jobs.batch.results import stats_refresh
+
+        stats_refresh(job_id=job_id, force=True)
+    return done
+
+
+# --- Running one task ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: str
+    fields: dict
+
+
+def _prompt_values(chunk: Chunk) -> dict:
+    doc = chunk.document
+    return {
+        "text": chunk.text,
+        "title": doc.title or doc.external_id,
+        "author": doc.author or "unknown",
+        "date": doc.date or "unknown",
+    }
+
+
+def task_messages(task: BatchTask) -> list[dict]:
+    return render_messages(task.framework_version.content, _prompt_values(task.chunk))
+
+
+def task_request(task: BatchTask, decoding: dict) -> dict:
+    body = {"messages": task_messages(task), **decoding}
+    body.setdefault("seed", task.run)
+    return body
+
+
+def _repair_messages(messages: list[dict], raw: str, errors: list[str]) -> list[dict]:
+    problems = "\n".join(f"- {e}" for e in errors[:10])
+    return [
+        *messages,
+        {"role": "assistant", "content": raw},
+        {
+            "role": "user",
+            "content": "Your answer was not valid for the required JSON schema:\n"
+            f"{problems}\nAnswer again with only the corrected JSON object.",
+        },
+    ]
+
+
+def _call_and_validate(task: BatchTask, job: BatchJob) -> Outcome:
+    decoding = job.frozen["decoding"]
+    body = task_request(task, decoding)
+    caller = gateway.Caller(user=job.created_by, feature="batch", subject=task)
+    content = task.framework_version.content
+    totals = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": Decimal(0),
+              "latency_ms": 0.0}  # fmt: skip
+    all_errors: list[str] = []
+    repairs = 0
+    while True:
+        result = gateway.chat(
+            model=task.model_key,
+            request=body,
+            caller=caller,
+            interactive=False,
+            run_index=task.run,
+        )
+        meta = result.meta
+        totals["calls"] += 1
+        totals["prompt_tokens"] += meta.prompt_tokens
+        totals["completion_tokens"] += meta.completion_tokens
+        totals["cost"] += meta.cost
+        totals["latency_ms"] += meta.latency_ms
+        raw = result.text
+        parsed, errors, kind = validate_answer(content, raw)
+        common = {
+            **totals,
+            "raw_output": raw,
+            "repairs": repairs,
+            "response_id": str(result.response.get("id") or "")[:200],
+            "model_revision": task.model_revision or str(result.response.get("model") or ""),
+        }
+        if not kind:
+            return Outcome(
+                BatchTask.Status.SUCCEEDED,
+                {
+                    **common,
+                    "parsed_output": parsed,
+                    "validation_errors": all_errors,
+                    "error_code": "",
+                    "error_message": "",
+                },  # fmt: skip
+            )
+        all_errors += [f"[{kind}] {e}" for e in errors]
+        if repairs >= 1:
+            return Outcome(
+                BatchTask.Status.FAILED,
+                {
+                    **common,
+                    "parsed_output": parsed if isinstance(parsed, dict) else None,
+                    "validation_errors": all_errors,
+                    "error_code": kind,
+                    "error_message": f"Invalid answer after one repair: {errors[0]}",
+                },
+            )
+        repairs += 1
+        body = {**body, "messages": _repair_messages(body["messages"], raw, errors)}
+
+
+def task_run(*, task_id: str, claim: str | None = None, dispatch: bool = True) -> str | None:
+    """Claim a queued task (one conditional UPDATE), run it through the gateway, store its one
+    result (the final write is conditional on the claim), then top up the model's window.
+    Returns the task's final status, or None when the task was not this worker's to run."""
+    claim = claim or longtasks.worker_claim()
+    now = timezone.now()
+    claimed = BatchTask.objects.filter(
+        pk=task_id, status__in=(BatchTask.Status.QUEUED, BatchTask.Status.PENDING)
+    ).update(
+        status=BatchTask.Status.RUNNING,
+        claimed_by=claim,
+        heartbeat_at=now,
+        started_at=now,
+        attempts=F("attempts") + 1,
+    )
+    if claimed != 1:
+        return None
+    task = BatchTask.objects.select_related(
+        "job", "job__created_by", "framework_version", "chunk", "chunk__document"
+    ).get(pk=task_id)
+    job = task.job
+    mine = BatchTask.objects.filter(pk=task_id, status=BatchTask.Status.RUNNING, claimed_by=claim)
+    if job.status != BatchJob.Status.RUNNING:
+        back = BatchTask.Status.CANCELLED if job.status == "cancelled" else BatchTask.Status.PENDING
+        mine.update(status=back, claimed_by="", attempts=F("attempts") - 1)
+        return back
+    try:
+        outcome = _call_and_validate(task, job)
+    except gateway.GatewayError as exc:
+        outcome = _failure(task, exc)
+    except Exception as exc:  # a bug or an unexpected library error: fail the task, keep going
+        logger.exception("batch task %s crashed", task_id)
+        outcome = Outcome(
+            BatchTask.Status.FAILED,
+            {"error_code": "internal_error", "error_message": f"{type(exc).__name__}: {exc}"},
+        )
+    fields = dict(outcome.fields)
+    if "calls" in fields:
+        fields["calls"] = F("calls") + fields["calls"]
+    if outcome.status == BatchTask.Status.PENDING:
+        fields.update(claimed_by="", dispatch_token="")
+    else:
+        fields["finished_at"] = timezone.now()
+    wrote = mine.update(status=outcome.status, **fields) == 1
+    if not wrote:
+        return None
+    after_task(job_id=job.pk, dispatch=dispatch)
+    return outcome.status
+
+
+def _failure(task: BatchTask, exc: gateway.GatewayError) -> Outcome:
+    fields = {
+        "error_code": exc.code,
+        "error_message": exc.message[:2000] if hasattr(exc, "message") else str(exc)[:2000],
+        "calls": 1,
+    }
+    if exc.transient and task.attempts < TASK_MAX_ATTEMPTS:
+        conf = gateway.settings_effective()
+        base, cap = float(conf["backoff_base_s"]), float(conf["backoff_cap_s"])
+        delay = random.uniform(0, min(cap, base * 2**task.attempts))
+        if exc.retry_after:
+            delay = max(delay, float(exc.retry_after))
+        return Outcome(
+            BatchTask.Status.PENDING,
+            {**fields, "not_before": timezone.now() + timedelta(seconds=delay)},
+        )
+    if exc.transient:
+        fields["error_message"] = (
+            f"Retries exhausted after {task.attempts} tries: " + fields["error_message"]
+        )
+    return Outcome(BatchTask.Status.FAILED, fields)
+
+
+def after_task(*, job_id, dispatch: bool = True) -> None:
+    """What a finished task triggers: top up the window (workers; an in-process run claims
+    pending tasks itself), finish the job, refresh statistics (throttled)."""
+    if dispatch:
+        job_dispatch(job_id=job_id)
+    if not job_finish_if_done(job_id):
+        from jobs.batch.results import stats_refresh
+
+        stats_refresh(job_id=job_id)
+
+
+# --- Control ------------------------------------------------------------------------------------
+
+
+def job_get(job_id) -> BatchJob:
+    try:
+        return BatchJob.objects.select_related("corpus", "created_by").get(pk=job_id)
+    except (BatchJob.DoesNotExist, ValueError, TypeError) as exc:
+        raise NotFound(f"No batch job {job_id}.") from exc
+
+
+def job_pause(*, job: BatchJob) -> BatchJob:
+    if job.status != BatchJob.Status.RUNNING:
+        raise Conflict(f"Only a running job can be paused; this one is {job.status}.")
+    BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.RUNNING).update(status="paused")
+    # Queued tasks go back to pending; running ones finish (their result is kept).
+    job.tasks.filter(status=BatchTask.Status.QUEUED).update(status=BatchTask.Status.PENDING)
+    job.refresh_from_db()
+    return job
+
+
+def job_resume(*, job: BatchJob) -> BatchJob:
+    """Resume a paused job, or a running one after a crash: stale claims go back to pending
+    (nothing finished runs again) and dispatch starts."""
+    if job.status not in (BatchJob.Status.PAUSED, BatchJob.Status.RUNNING):
+        raise Conflict(f"A {job.status} job cannot be resumed.")
+    BatchJob.objects.filter(pk=job.pk).update(status=BatchJob.Status.RUNNING, finished_at=None)
+    tasks_recover(job_id=job.pk)
+    transaction.on_commit(lambda: enqueue_dispatch(job.pk))
+    job.refresh_from_db()
+    return job
+
+
+def job_cancel(*, job: BatchJob) -> BatchJob:
+    if not job.is_active:
+        raise Conflict(f"A {job.status} job cannot be cancelled.")
+    BatchJob.objects.filter(pk=job.pk).update(
+        status=BatchJob.Status.CANCELLED, finished_at=timezone.now()
+    )
+    job.tasks.filter(status__in=(BatchTask.Status.PENDING, BatchTask.Status.QUEUED)).update(
+        status=BatchTask.Status.CANCELLED
+    )
+    job.refresh_from_db()
+    return job
+
+
+def tasks_recover(*, job_id=None, stale_after_s: float | None = None) -> dict:
+    """Claimed-but-unfinished tasks whose heartbeat is stale go back to pending; queued tasks
+    whose message was lost (queued longer than the stale time) go back to pending too. The
+    atomic claim means a message that does arrive later finds nothing to do."""
+    stale = stale_after_s if stale_after_s is not None else settings.LONG_TASK_STALE_AFTER_S
+    cutoff = timezone.now() - timedelta(seconds=stale)
+    qs = BatchTask.objects.all() if job_id is None else BatchTask.objects.filter(job_id=job_id)
+    running = qs.filter(status=BatchTask.Status.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
+    )
+    exhausted = running.filter(attempts__gte=TASK_MAX_ATTEMPTS).update(
+        status=BatchTask.Status.FAILED,
+        claimed_by="",
+        error_code="worker_lost",
+        error_message="Its worker stopped on every try.",
+        finished_at=timezone.now(),
+    )
+    reclaimed = running.update(status=BatchTask.Status.PENDING, claimed_by="", dispatch_token="")
+    requeued = qs.filter(status=BatchTask.Status.QUEUED, queued_at__lt=cutoff).update(
+        status=BatchTask.Status.PENDING, dispatch_token=""
+    )
+    return {"reclaimed": reclaimed, "requeued": requeued, "failed": exhausted}
+
+
+def batch_reconcile() -> dict:
+    """Beat: recover stale tasks of running jobs and kick their dispatch."""
+    out = tasks_recover()
+    jobs = list(
+        BatchJob.objects.filter(status=BatchJob.Status.RUNNING).values_list("pk", flat=True)
+    )
+    for pk in jobs:
+        try:
+            enqueue_dispatch(pk)
+        except Exception:  # the broker is down: the next reconcile tries again
+            logger.exception("could not enqueue the dispatch of batch job %s", pk)
+        job_finish_if_done(pk)
+    out["jobs"] = len(jobs)
+    return out
+
+
+def job_run_inline(*, job: BatchJob, progress: Callable[[int], object] | None = None) -> dict:
+    """Run a job's open tasks in this process (``manage.py run_batch``): stale claims are
+    recovered first, then pending tasks are claimed one by one (the same atomic claim as the
+    workers, so a worker running beside it never runs a task twice)."""
+    BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.PAUSED).update(status="running")
+    tasks_recover(job_id=job.pk, stale_after_s=0 if progress is None else None)
+    done = 0
+    while True:
+        now = timezone.now()
+        ids = list(
+            job.tasks.filter(status=BatchTask.Status.PENDING)
+            .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+            .order_by("id")
+            .values_list("pk", flat=True)[:500]
+        )
+        if not ids:
+            if job.tasks.filter(status=BatchTask.Status.PENDING).exists():
+                import time
+
+                time.sleep(0.2)
+                continue
+            break
+        for pk in ids:
+            if BatchJob.objects.filter(pk=job.pk).values_list("status", flat=True).first() != (
+                BatchJob.Status.RUNNING
+            ):
+                return _summary(job)
+            status = task_run(task_id=pk, dispatch=False)
+            if status and status != BatchTask.Status.PENDING:
+                done += 1
+                if progress:
+                    progress(1)
+    job_finish_if_done(job.pk)
+    return _summary(job)
+
+
+def _summary(job: BatchJob) -> dict:
+    counts = dict(job.tasks.values_list("status").annotate(n=Count("pk")))
+    job.refresh_from_db()
+    return {"job": str(job.pk), "status": job.status, "tasks": counts}
+
+
+# --- OpenAI Batch JSONL -------------------------------------------------------------------------
+
+
+def openai_batch_requests(*, job: BatchJob) -> Iterator[str]:
+    """The job's requests as an OpenAI Batch input file: one line per task, ``custom_id`` the
+    task id, ``body`` the chat body with the model's remote id."""
+    remote = {m["key"]: m["remote_id"] for m in job.frozen["models"]}
+    decoding = job.frozen["decoding"]
+    qs = job.tasks.select_related("framework_version", "chunk", "chunk__document").order_by("id")
+    for task in qs.iterator(chunk_size=500):
+        body = {"model": remote[task.model_key], **task_request(task, decoding)}
+        yield json.dumps(
+            {"custom_id": task.id, "method": "POST", "url": "/v1/chat/completions", "body": body},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+
+
+def openai_batch_results(*, job: BatchJob) -> Iterator[str]:
+    """Finished tasks in the OpenAI Batch output shape (``id``, ``custom_id``, ``response``
+    {status_code, request_id, body}, ``error``), ordered by custom_id."""
+    qs = job.tasks.filter(status__in=(BatchTask.Status.SUCCEEDED, BatchTask.Status.FAILED))
+    for task in qs.order_by("id").iterator(chunk_size=500):
+        ok = task.status == BatchTask.Status.SUCCEEDED or task.raw_output
+        body = {
+            "id": task.response_id,
+            "object": "chat.completion",
+            "model": task.model_key,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": task.raw_output},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": task.prompt_tokens,
+                "completion_tokens": task.completion_tokens,
+                "total_tokens": task.prompt_tokens + task.completion_tokens,
+            },
+        }
+        yield json.dumps(
+            {
+                "id": f"batch_req_{task.id}",
+                "custom_id": task.id,
+                "response": {"status_code": 200, "request_id": task.response_id, "body": body}
+                if ok
+                else None,
+                "error": None
+                if task.status == BatchTask.Status.SUCCEEDED
+                else {"code": task.error_code, "message": task.error_message},
+            },
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+
+
+def openai_batch_match(requests_lines: Iterable[str], results_lines: Iterable[str]) -> list:
+    """Pair input and output lines by ``custom_id`` (never by line order)."""
+    results = {}
+    for line in results_lines:
+        row = json.loads(line)
+        results[row["custom_id"]] = row
+    return [
+        (json.loads(line), results.get(json.loads(line)["custom_id"])) for line in requests_lines
+    ]

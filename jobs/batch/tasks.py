@@ -1,0 +1,35 @@
+"""Celery tasks of batch jobs: they take ids and call the services. The dispatcher and the
+reconcile run on the control queue; the model calls on the long queue."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from config.longtasks import recoverer
+from jobs.batch import services
+
+
+@shared_task(name="jobs.batch.tasks.batch_dispatch", acks_late=True, ignore_result=True)
+def batch_dispatch(job_id: str) -> dict:
+    """Top up every model's window of a running job."""
+    out = services.job_dispatch(job_id=job_id)
+    services.job_finish_if_done(job_id)
+    return out
+
+
+@shared_task(
+    name="jobs.batch.tasks.batch_run_task",
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=900,
+    time_limit=960,
+)
+def batch_run_task(task_id: str) -> str | None:
+    """Claim and run one batch task (a no-op when it is not queued any more)."""
+    return services.task_run(task_id=task_id)
+
+
+@recoverer("batch_tasks")
+def _reconcile_batch() -> dict:
+    # config.tasks.reconcile_long_tasks (beat, every minute) calls every registered step.
+    return services.batch_reconcile()
