@@ -99,6 +99,14 @@ def main() -> None:
                     direct_ms.append(call_direct())
             _report(name, gateway_ms, direct_ms)
 
+        # A yardstick of this machine's speed: one indexed single-row ORM read.
+        reads = []
+        for _ in range(N):
+            started = time.perf_counter()
+            RegisteredModel.objects.filter(key=priced.key).first()
+            reads.append((time.perf_counter() - started) * 1000)
+        print(f"yardstick: one ORM row read, median {statistics.median(reads):.3f} ms")
+
         gateway.chat(model=priced.key, request=body)  # store it
         hits = []
         for _ in range(N):

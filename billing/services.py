@@ -679,6 +679,7 @@ def costs_accrue(*, now: datetime | None = None) -> dict:
         cost = job_cost_accrue(job=job, now=now, cost=cost)
         _variance_check(job, cost, now)
         accrued += 1
+    llm_reservations_expire(now=now)  # holds of LLM calls whose process died
     alerts = budget_alerts_check(now=now)
     stopped = hard_cap_enforce(now=now)
     return {"accrued": accrued, "alerts": alerts, "stopped": stopped}

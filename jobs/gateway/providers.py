@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import math
+import re
 import threading
 import time
 import uuid
@@ -319,7 +320,11 @@ def _adapter_dir(model: RegisteredModel) -> Path:
     gpu/ cannot read storage itself (it imports no Django)."""
     from config.storage import storage_listdir, storage_read
 
-    tag = model.revision or hashlib.sha256(model.adapter_uri.encode()).hexdigest()[:16]
+    tag = re.sub(
+        r"[^A-Za-z0-9._-]+",
+        "_",
+        model.revision or hashlib.sha256(model.adapter_uri.encode()).hexdigest()[:16],
+    )
     target = Path(settings.DATA_DIR) / "gateway-adapters" / tag
     if (target / "adapter_config.json").is_file():
         return target

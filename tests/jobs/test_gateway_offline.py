@@ -91,3 +91,52 @@ def test_offline_embeddings_are_384_dim_normalised():
 def test_capability_is_checked():
     with pytest.raises(gateway.InvalidRequest):
         gateway.embed(model="offline/smollm2-135m-instruct", input="x")
+
+
+@pytest.mark.slow
+def test_offline_adapter_model_loads_its_adapter_from_storage(tmp_path, settings):
+    """A RegisteredModel with adapter_uri: the provider copies the adapter out of storage
+    (once per revision) and serves base + LoRA; the answer differs from the base model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from config.storage import storage_save
+    from gpu.model import ensure_offline_model
+
+    settings.DATA_DIR = tmp_path
+    base_dir = ensure_offline_model("SmolLM2-135M-Instruct", Path(settings.TRAINING_MODEL_CACHE))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=64,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    local = tmp_path / "adapter"
+    peft_model.save_pretrained(str(local))
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage_save(f"tests/gateway-adapter/{path.relative_to(local)}", path.read_bytes())
+    adapter = RegisteredModel.objects.create(
+        provider=Provider.objects.get(slug="offline"),
+        remote_id="adapter-test",
+        parent="offline/smollm2-135m-instruct",
+        adapter_uri="tests/gateway-adapter",
+        revision="sha256:test-adapter",
+        price_input_per_m=0,
+        price_output_per_m=0,
+        price_source="local",
+        capabilities=["chat"],
+    )
+    request = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 5}
+    tuned = gateway.chat(model=adapter.key, request=request)
+    base = gateway.chat(model="offline/smollm2-135m-instruct", request=request)
+    assert tuned.text and tuned.text != base.text
+    assert (tmp_path / "gateway-adapters" / "sha256_test-adapter" / "adapter_config.json").is_file()
+    assert tuned.meta.cache_key != base.meta.cache_key
