@@ -158,6 +158,7 @@ def _register_routers() -> None:
     from billing.api import router as billing_router
     from config.api_routes import router as core_router
     from corpora.api import router as corpora_router
+    from corpora.rag_api import router as rag_router
     from evaluation.api import router as evaluation_router
     from jobs.api import router as gateway_router
     from jobs.batch.api import router as batch_router
@@ -172,6 +173,7 @@ def _register_routers() -> None:
     api.add_router("", evaluation_router)
     api.add_router("", gateway_router)
     api.add_router("", batch_router)
+    api.add_router("", rag_router)
 
 
 _register_routers()

@@ -291,6 +291,7 @@ class _LRU:
     def clear(self) -> None:
         with self.lock:
             self.items.clear()
+            self.loads = 0
 
     def drop(self, kb_id) -> None:
         with self.lock:
