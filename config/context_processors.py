@@ -7,6 +7,7 @@ NAVIGATION = [
     ("datasets", "Datasets", "corpora:index"),
     ("training", "Training", "training:index"),
     ("evaluations", "Evaluations", "evaluation:index"),
+    ("chat", "Chat", "chat:chat"),
     ("budgets", "Budgets", "billing:index"),
 ]
 

@@ -4,6 +4,7 @@ from django.urls import include, path
 
 from config import views
 from config.api import api
+from jobs.public_api import public_api
 
 admin.site.site_header = "Crucible administration"
 admin.site.site_title = "Crucible admin"
@@ -24,8 +25,12 @@ urlpatterns = [
     path("evaluations/", include("evaluation.urls")),
     path("budgets/", include("billing.urls")),
     path("settings/", include("jobs.urls")),
+    path("batch/", include("jobs.batch.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
+    # The OpenAI-compatible public API (jobs/public_api.py) and the chat pages.
+    path("v1/", public_api.urls),
+    path("chat/", include("jobs.urls_chat")),
 ]
 
 handler400 = "config.views.bad_request"

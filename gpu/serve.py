@@ -511,6 +511,7 @@ def create_app(engine: Engine, *, embeddings: bool = True):
                 "root": engine.base_id,
                 "parent": None,
                 "max_model_len": engine.context_length or None,
+                "capabilities": ["chat"],
             }
         ]
         if embeddings:
@@ -522,6 +523,7 @@ def create_app(engine: Engine, *, embeddings: bool = True):
                     "owned_by": "crucible",
                     "root": EMBEDDING_ID,
                     "parent": None,
+                    "capabilities": ["embeddings"],
                 }
             )
         for name, path in sorted(engine.known.items()):
@@ -534,6 +536,7 @@ def create_app(engine: Engine, *, embeddings: bool = True):
                     "root": path,
                     "parent": engine.base_id,
                     "max_model_len": engine.context_length or None,
+                    "capabilities": ["chat"],
                 }
             )
         return JSONResponse({"object": "list", "data": data})

@@ -230,5 +230,157 @@ class RateLimitWindow(models.Model):
         return self.key
 
 
+# --- Serving: response profiles, chat responses and their feedback (issue 15) -------------------
+
+
+class ResponseProfile(models.Model):
+    """A named, versioned generation profile: the seed's "LP/LS" controls read as length
+    preference (target and maximum answer length) and language style (register and a
+    persona/system prompt), on top of decoding settings. Defined in files under version
+    control (jobs/profiles/<name>.v<version>.yaml), validated, and mirrored here so every
+    response can point at the exact version it used."""
+
+    class Register(models.TextChoices):
+        NEUTRAL = "neutral", "Neutral"
+        FORMAL = "formal", "Formal"
+        CASUAL = "casual", "Casual"
+        TECHNICAL = "technical", "Technical"
+
+    name = models.SlugField(max_length=64)
+    version = models.PositiveIntegerField()
+    title = models.CharField(max_length=120)
+    description = models.TextField(blank=True)
+    target_words = models.PositiveIntegerField(help_text="Length preference: aimed-for words")
+    max_tokens = models.PositiveIntegerField(help_text="Length preference: hard token limit")
+    register = models.CharField(max_length=16, choices=Register.choices)
+    persona = models.TextField(blank=True, help_text="System prompt (language style)")
+    temperature = models.FloatField(default=0.0)
+    top_p = models.FloatField(default=1.0)
+    repetition_penalty = models.FloatField(default=1.0)
+    json_output = models.BooleanField(default=False, help_text="The answer must be JSON")
+    regenerate_on_flags = models.BooleanField(
+        default=False, help_text="Regenerate once when validation flags the answer"
+    )
+    source_path = models.CharField(max_length=200)
+    checksum = models.CharField(max_length=64, help_text="sha256 of the profile file")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["name", "version"], name="uniq_profile_name_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+class ChatResponseQuerySet(models.QuerySet):
+    def with_feedback(self):
+        return self.prefetch_related("feedback")
+
+
+class ChatResponse(models.Model):
+    """One answer given through /v1/chat, /v1/chat/completions or the chat page."""
+
+    class Source(models.TextChoices):
+        CHAT = "chat", "POST /v1/chat"
+        COMPLETIONS = "completions", "POST /v1/chat/completions"
+        PAGE = "page", "Chat page"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    source = models.CharField(max_length=16, choices=Source.choices)
+    request_id = models.CharField(max_length=64, db_index=True)
+    model_key = models.CharField(max_length=270, db_index=True)
+    profile = models.ForeignKey(
+        ResponseProfile, null=True, blank=True, on_delete=models.PROTECT, related_name="responses"
+    )
+    messages = models.JSONField(default=list, help_text="The conversation sent (profile applied)")
+    controls = models.JSONField(default=dict, help_text="Decoding settings used")
+    answer = models.TextField(blank=True)
+    finish_reason = models.CharField(max_length=16, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    latency_ms = models.FloatField(default=0)
+    cached = models.BooleanField(default=False)
+    flags = models.JSONField(default=list, help_text="Output validation flags")
+    regenerated = models.BooleanField(default=False)
+    ledger_id = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = ChatResponseQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.model_key} {self.request_id}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def prompt_text(self) -> str:
+        users = [m.get("content") or "" for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+class Feedback(models.Model):
+    """A person's judgement of one response: thumbs, a 1-5 rating, tags, a corrected answer."""
+
+    response = models.ForeignKey(ChatResponse, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    thumb = models.SmallIntegerField(null=True, blank=True, help_text="+1 up, -1 down")
+    rating = models.PositiveSmallIntegerField(null=True, blank=True, help_text="1-5")
+    tags = models.JSONField(default=list)
+    corrected_answer = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(rating__isnull=True) | Q(rating__gte=1, rating__lte=5),
+                name="feedback_rating_1_5",
+            ),
+            models.CheckConstraint(
+                condition=Q(thumb__isnull=True) | Q(thumb__in=[-1, 1]), name="feedback_thumb_pm1"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"feedback {self.pk} on {self.response_id}"
+
+
+class FeedbackTrainingFile(models.Model):
+    """A training file made from feedback: its version in the series and the rows it used."""
+
+    training_file = models.OneToOneField(
+        "corpora.TrainingFile", on_delete=models.CASCADE, related_name="feedback_source"
+    )
+    version = models.PositiveIntegerField()
+    feedback = models.ManyToManyField(Feedback, related_name="training_files")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version"]
+
+    def __str__(self) -> str:
+        return f"feedback training file v{self.version}"
+
+
 # Batch LLM jobs (issue 14) keep their models in jobs/batch/models.py.
-from jobs.batch.models import BatchJob, BatchStats, BatchTask, Framework, FrameworkVersion  # noqa: E402,F401,I001
+from jobs.batch.models import BatchJob, BatchStats, BatchTask, Framework, FrameworkVersion  # noqa: E402, F401

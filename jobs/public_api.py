@@ -1,0 +1,388 @@
+"""The public, OpenAI-compatible API under /v1/ (OpenAPI at /v1/openapi.json).
+
+A second django-ninja instance with the same token auth (``Authorization: Bearer <Crucible
+API token>``, so the ``openai`` SDK works with ``base_url=<crucible>/v1``), the same error
+envelope and handlers, request ids and per-token rate limits as /api/v1/. Everything goes
+through the model gateway (cache, budget, ledger, its own rate limits) via jobs/serving.py.
+
+Roles: every signed-in role lists models and profiles; chatting, embedding and feedback spend
+money or write, so they need a role that does work (engineer, analyst, admin): a viewer gets
+403 there.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from typing import Any
+
+import orjson
+from django.http import HttpRequest, StreamingHttpResponse
+from ninja import NinjaAPI, Schema
+from ninja.errors import Throttled
+from pydantic import ConfigDict, Field
+
+from config.api import api as main_api
+from config.auth import ApiTokenAuth, BrowserSessionAuth, CapabilityAuth, has_capability
+from config.errors import InvalidInput, PermissionDenied
+from config.ratelimit import TokenRateThrottle
+from jobs import serving
+from jobs.models import ChatResponse
+
+CHAT_CAPABILITIES = ("run_jobs", "score_validations")
+
+public_api = NinjaAPI(
+    title="Crucible OpenAI-compatible API",
+    version="1-openai",
+    description=(
+        "OpenAI-compatible chat completions (streaming included), embeddings and models for "
+        "external models, the base model and every trained adapter, plus the simpler "
+        "`POST /v1/chat` and feedback. Authenticate with `Authorization: Bearer <token>` "
+        "(a Crucible API token). Errors: "
+        '`{"error": {"code", "message", "details", "request_id"}}`.'
+    ),
+    auth=[ApiTokenAuth(), BrowserSessionAuth()],
+    throttle=[TokenRateThrottle()],
+    urls_namespace="public_v1",
+)
+
+# One error envelope: the main API's handlers, registered on this instance too.
+for _exc_class, _handler in main_api._exception_handlers.items():
+    public_api.add_exception_handler(_exc_class, _handler)
+
+
+@public_api.exception_handler(Throttled)
+def _throttled(request: HttpRequest, exc: Throttled):
+    response = main_api._exception_handlers[Throttled](request, exc)
+    response["Retry-After"] = str(int(exc.wait or 1))
+    return response
+
+
+class ChatAuth(CapabilityAuth):
+    """Signed in (token or session) with any role that may chat."""
+
+    def __call__(self, request: HttpRequest):
+        from config.auth import _session_auth, _token_auth
+
+        user = _token_auth(request) or _session_auth(request)
+        if not user:
+            return None
+        if not any(has_capability(user, c) for c in CHAT_CAPABILITIES):
+            raise PermissionDenied(
+                "Your role may read models but not chat: chatting needs the engineer, analyst "
+                "or admin role.",
+                details={"required_permission": " or ".join(CHAT_CAPABILITIES)},
+            )
+        return user
+
+
+CHAT_AUTH = [ChatAuth("run_jobs")]
+
+
+# --- Schemas --------------------------------------------------------------------------------------
+
+
+class Message(Schema):
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(pattern="^(system|user|assistant|tool|developer)$")
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionIn(Schema):
+    """OpenAI's chat completion body (fields the gateway does not use are accepted and
+    ignored); ``profile`` is Crucible's extension (send it with ``extra_body``)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=270)
+    messages: list[Message] = Field(min_length=1, max_length=200)
+    stream: bool = False
+    stream_options: dict | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=None, ge=1, le=1)
+    response_format: dict | None = None
+    profile: str | None = None
+
+
+class EmbeddingsIn(Schema):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=270)
+    input: str | list[str]
+    encoding_format: str | None = Field(default=None, pattern="^(float|base64)$")
+
+
+class Controls(Schema):
+    max_tokens: int | None = Field(default=None, ge=1, le=8192)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    json_output: bool | None = None
+
+
+class ChatIn(Schema):
+    """The seed's simple contract: a model, messages or a prompt, a profile and controls."""
+
+    model: str = Field(min_length=1, max_length=270)
+    messages: list[Message] | None = Field(default=None, max_length=200)
+    prompt: str | None = Field(default=None, max_length=20000)
+    profile: str | None = Field(default=None, description="name or name@vN; default balanced")
+    controls: Controls = Field(default_factory=Controls)
+
+
+class ChatOut(Schema):
+    answer: str
+    model: str
+    profile: str | None
+    finish_reason: str
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: str
+    cache_hit: bool
+    request_id: str
+    response_id: int
+    flags: list[dict]
+    regenerated: bool
+
+
+class FeedbackIn(Schema):
+    response_id: int
+    thumb: int | None = Field(default=None, description="1 up, -1 down")
+    rating: int | None = Field(default=None, description="1-5")
+    tags: list[str] = Field(default_factory=list)
+    corrected_answer: str = ""
+
+
+class FeedbackOut(Schema):
+    id: int
+    response_id: int
+    thumb: int | None
+    rating: int | None
+    tags: list[str]
+    corrected_answer: str
+
+
+# --- Helpers --------------------------------------------------------------------------------------
+
+
+def _plain(messages: list[Message]) -> list[dict]:
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append(
+            {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        )
+    return out
+
+
+def _profile(name: str | None, *, default: str | None):
+    name = name or default
+    return serving.profile_get(name=name) if name else None
+
+
+def _user(request: HttpRequest):
+    return request.auth if hasattr(request, "auth") else request.user
+
+
+def _sse(chunks) -> StreamingHttpResponse:
+    def events():
+        for chunk in chunks:
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _pieces(text: str) -> list[str]:
+    """The answer in word-sized pieces (whitespace kept), as a token stream arrives."""
+    import re
+
+    return re.findall(r"\s*\S+|\s+$", text) or [""]
+
+
+def completion_chunks(answer: serving.Answer, *, include_usage: bool) -> list[dict]:
+    body = answer.body
+    base = {
+        "id": body.get("id") or f"chatcmpl-{answer.response.pk}",
+        "object": "chat.completion.chunk",
+        "created": body.get("created") or int(time.time()),
+        "model": body["model"],
+    }
+    choice = (body.get("choices") or [{}])[0]
+    text = (choice.get("message") or {}).get("content") or ""
+    chunks: list[dict[str, Any]] = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    ]
+    chunks += [
+        {**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+        for p in _pieces(text)
+    ]
+    chunks.append(
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason")}],
+            "crucible": body.get("crucible"),
+        }
+    )
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": body.get("usage")})
+    return chunks
+
+
+# --- Routes ---------------------------------------------------------------------------------------
+
+
+@public_api.get("/models", summary="List models (OpenAI shape; adapters carry parent)")
+def list_models(request: HttpRequest):
+    return {"object": "list", "data": serving.models_listing()}
+
+
+@public_api.get("/models/{path:model_id}", summary="One model")
+def get_model(request: HttpRequest, model_id: str):
+    for row in serving.models_listing():
+        if row["id"] == model_id:
+            return row
+    from jobs import gateway
+
+    raise gateway.UnknownModel(f"No model {model_id!r}.", details={"model": model_id})
+
+
+@public_api.get("/profiles", summary="Response profiles (LP/LS), every version")
+def list_profiles(request: HttpRequest):
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": p.label,
+                "name": p.name,
+                "version": p.version,
+                "title": p.title,
+                "description": p.description,
+                "length": {"target_words": p.target_words, "max_tokens": p.max_tokens},
+                "style": {"register": p.register, "persona": p.persona},
+                "decoding": {
+                    "temperature": p.temperature,
+                    "top_p": p.top_p,
+                    "repetition_penalty": p.repetition_penalty,
+                },
+                "output": {"json": p.json_output, "regenerate_on_flags": p.regenerate_on_flags},
+                "source_path": p.source_path,
+                "checksum": p.checksum,
+            }
+            for p in serving.profiles_sync()
+        ],
+    }
+
+
+@public_api.post("/chat/completions", auth=CHAT_AUTH, summary="Chat completion (OpenAI shape)")
+def chat_completions(request: HttpRequest, payload: ChatCompletionIn):
+    json_wanted = (payload.response_format or {}).get("type") in ("json_object", "json_schema")
+    controls = serving.Controls(
+        max_tokens=payload.max_completion_tokens or payload.max_tokens,
+        temperature=payload.temperature,
+        top_p=payload.top_p,
+        seed=payload.seed,
+        stop=[payload.stop] if isinstance(payload.stop, str) else list(payload.stop or []),
+        json_output=True if json_wanted else None,
+    )
+    answer = serving.chat_respond(
+        user=_user(request),
+        model=payload.model,
+        messages=_plain(payload.messages),
+        profile=_profile(payload.profile, default=None),
+        controls=controls,
+        source=ChatResponse.Source.COMPLETIONS,
+        request_id=getattr(request, "request_id", ""),
+    )
+    if payload.stream:
+        include = bool((payload.stream_options or {}).get("include_usage"))
+        return _sse(completion_chunks(answer, include_usage=include))
+    return answer.body
+
+
+@public_api.post("/embeddings", auth=CHAT_AUTH, summary="Embeddings (OpenAI shape)")
+def embeddings(request: HttpRequest, payload: EmbeddingsIn):
+    inputs = [payload.input] if isinstance(payload.input, str) else payload.input
+    if not inputs or len(inputs) > 256:
+        raise InvalidInput("input must hold 1 to 256 texts.", details={"field": "input"})
+    body = serving.embeddings_create(user=_user(request), model=payload.model, inputs=inputs)
+    if payload.encoding_format == "base64":
+        for row in body["data"]:
+            vector = row["embedding"]
+            packed = struct.pack(f"<{len(vector)}f", *vector)
+            row["embedding"] = base64.b64encode(packed).decode()
+    return body
+
+
+@public_api.post("/chat", auth=CHAT_AUTH, response=ChatOut, summary="Chat (the simple contract)")
+def chat(request: HttpRequest, payload: ChatIn):
+    if payload.messages:
+        messages = _plain(payload.messages)
+    elif payload.prompt and payload.prompt.strip():
+        messages = [{"role": "user", "content": payload.prompt}]
+    else:
+        raise InvalidInput("Send messages or a prompt.", details={"field": "messages"})
+    c = payload.controls
+    answer = serving.chat_respond(
+        user=_user(request),
+        model=payload.model,
+        messages=messages,
+        profile=_profile(payload.profile, default=serving.DEFAULT_PROFILE),
+        controls=serving.Controls(
+            max_tokens=c.max_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            seed=c.seed,
+            stop=c.stop,
+            json_output=c.json_output,
+        ),
+        source=ChatResponse.Source.CHAT,
+        request_id=getattr(request, "request_id", ""),
+    )
+    r = answer.response
+    return {
+        "answer": r.answer,
+        "model": r.model_key,
+        "profile": r.profile.label if r.profile_id else None,
+        "finish_reason": r.finish_reason,
+        "latency_ms": r.latency_ms,
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.total_tokens,
+        "cost": format(r.cost, "f"),
+        "cache_hit": r.cached,
+        "request_id": r.request_id,
+        "response_id": r.pk,
+        "flags": r.flags,
+        "regenerated": r.regenerated,
+    }
+
+
+@public_api.post("/feedback", auth=CHAT_AUTH, response={201: FeedbackOut}, summary="Feedback")
+def feedback(request: HttpRequest, payload: FeedbackIn):
+    response = ChatResponse.objects.filter(pk=payload.response_id).first()
+    if response is None:
+        from config.errors import NotFound
+
+        raise NotFound("No such response.", details={"response_id": payload.response_id})
+    item = serving.feedback_create(
+        response=response,
+        user=_user(request),
+        thumb=payload.thumb,
+        rating=payload.rating,
+        tags=payload.tags,
+        corrected_answer=payload.corrected_answer,
+    )
+    return 201, item
