@@ -13,7 +13,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 from django.contrib.contenttypes.models import ContentType
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Q, Subquery, Sum
 from django.utils import timezone
 
@@ -987,7 +987,9 @@ def llm_call_record(
         # The budget row's lock serialises the settlement with reservations: on PostgreSQL
         # (READ COMMITTED: one snapshot per statement) a reservation reading the spend, then
         # the holds, could otherwise miss a call settled between its two reads.
-        MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
+        # (SQLite needs no lock query: its IMMEDIATE transactions already run one at a time.)
+        if connection.vendor != "sqlite":
+            MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
         call.save()
         LlmReservation.objects.filter(pk=reservation.pk).delete()
     return call
