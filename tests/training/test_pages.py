@@ -525,7 +525,7 @@ def test_completed_job_page(jobs):
     job = jobs["completed"]
     client, _ = signed_in(Role.VIEWER)
     html = html_of(client.get(f"/training/{job.pk}/"))
-    assert "Perplexity: 24.5 -&gt; 16.8 (31% improvement)" in html
+    assert "Perplexity: 24.5 → 16.8 (31% improvement)" in html
     for section in ("Results", "Loss and learning rate", "Latest metrics", "Stages", "Recoveries"):
         assert f">{section}</h2>" in html, section
     for section in ("Configuration", "Dataset", "Event log", "Validation"):
@@ -558,7 +558,7 @@ def test_completed_job_page(jobs):
     assert "Tokens / s" in html and "11.0 GiB" in html
     # The event log: latest 50 at most, newest first, with the payload.
     assert html.count('<details class="payload">') == 16
-    assert "perplexity 24.5 -&gt; 16.8" in html
+    assert "perplexity 24.5 → 16.8" in html
     # A viewer gets no actions.
     assert "data-job-action" not in html and "hx-post" not in html
 
