@@ -162,7 +162,7 @@ def test_training_list_and_job_pages(browser, live_server, ada, jobs, monkeypatc
     assert canvas.size["width"] > 400 and canvas.size["height"] > 200
     assert not browser.find_element(By.ID, "loss-chart-empty").is_displayed()
     results = browser.find_element(By.ID, "job-results")
-    assert "Perplexity: 24.5 -> 16.8 (31% improvement)" in results.text
+    assert "Perplexity: 24.5 → 16.8 (31% improvement)" in results.text
     assert "Resume check passed" in results.text
     # The downloads menu opens.
     browser.find_element(By.CSS_SELECTOR, ".menu > summary").click()
