@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections import defaultdict
 from datetime import date, datetime, timedelta
@@ -14,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractUser
 from django.contrib.contenttypes.models import ContentType
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Q, Subquery, Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from billing import conf
@@ -833,40 +834,60 @@ def llm_reserved(*, month: date, now: datetime | None = None) -> Decimal:
 
 
 def _llm_spend_and_holds(month: date, now: datetime) -> tuple[Decimal, Decimal]:
-    """(month_spent, llm_reserved) in one query: GPU and old LLM ledger entries plus gateway
-    calls, and the unexpired LLM reservations."""
-    ledger = LedgerEntry.objects.filter(month=month).values("month").annotate(s=Sum("amount"))
-    calls = LlmCall.objects.filter(month=month).values("month").annotate(s=Sum("cost"))
-    holds = (
-        LlmReservation.objects.filter(month=month, expires_at__gt=now)
-        .values("month")
-        .annotate(s=Sum("amount"))
+    """(month_spent, llm_reserved) in one statement: GPU and old LLM ledger entries plus
+    gateway calls, and the unexpired LLM reservations.
+
+    Plain SQL on purpose: this runs in every priced LLM call's reservation, and compiling the
+    equivalent ORM subqueries costs more than executing them. The SQL is portable
+    (SQLite and PostgreSQL); table names come from the models.
+    """
+    ops = connection.ops
+    day = ops.adapt_datefield_value(month)
+    # Table names come from the models; every value is a parameter.
+    sql = (
+        f"SELECT (SELECT SUM(amount) FROM {LedgerEntry._meta.db_table} WHERE month = %s), "  # noqa: S608
+        f"(SELECT SUM(cost) FROM {LlmCall._meta.db_table} WHERE month = %s), "
+        f"(SELECT SUM(amount) FROM {LlmReservation._meta.db_table} "
+        "WHERE month = %s AND expires_at > %s)"
     )
-    row = (
-        MonthlyBudget.objects.filter(month=month)
-        .annotate(
-            ledger=Subquery(ledger.values("s")[:1]),
-            calls=Subquery(calls.values("s")[:1]),
-            holds=Subquery(holds.values("s")[:1]),
-        )
-        .values("ledger", "calls", "holds")
-        .first()
-    ) or {}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [day, day, day, ops.adapt_datetimefield_value(now)])
+        ledger, calls, holds = cursor.fetchone()
 
     def dec(value) -> Decimal:
+        # SQLite sums decimals as floats: back to the columns' 8 places.
         return Decimal(str(value)).quantize(NANO) if value is not None else Decimal(0)
 
-    return money(dec(row.get("ledger")) + dec(row.get("calls"))), dec(row.get("holds"))
+    return money(dec(ledger) + dec(calls)), dec(holds)
 
 
 def _jobs_held() -> Decimal:
-    """What active training jobs still expect to spend (their reservations not accrued)."""
-    from training.models import ACTIVE_STATUSES
+    """What active training jobs still expect to spend (their reservations not accrued);
+    plain SQL for the same reason as above."""
+    from training.models import ACTIVE_STATUSES, TrainingJob
 
-    costs = JobCost.objects.filter(job__status__in=ACTIVE_STATUSES).only(
-        "projection", "estimate_cost", "reserved", "accrued"
+    statuses = [str(s) for s in ACTIVE_STATUSES]
+    placeholders = ", ".join(["%s"] * len(statuses))
+    sql = (
+        "SELECT c.projection, c.estimate_cost, c.reserved, c.accrued "  # noqa: S608
+        f"FROM {JobCost._meta.db_table} c JOIN {TrainingJob._meta.db_table} j "
+        f"ON j.id = c.job_id WHERE j.status IN ({placeholders})"
     )
-    return money(sum((_remaining(c) for c in costs), Decimal(0)))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, statuses)
+        rows = cursor.fetchall()
+    total = Decimal(0)
+    for projection, estimate_cost, reserved, accrued in rows:
+        if isinstance(projection, str):
+            projection = json.loads(projection or "{}")
+        cost = JobCost(
+            projection=projection or {},
+            estimate_cost=None if estimate_cost is None else Decimal(str(estimate_cost)),
+            reserved=Decimal(str(reserved or 0)),
+            accrued=Decimal(str(accrued or 0)),
+        )
+        total += _remaining(cost)
+    return money(total)
 
 
 def llm_reservations_expire(*, now: datetime | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from django.conf import settings
+from django.db.models.signals import post_delete, post_save
 
 from billing import services as billing
 from config.logging import current_request_id
@@ -39,7 +40,7 @@ from jobs.gateway.providers import (
     estimate_tokens,
     provider_for,
 )
-from jobs.models import GatewaySettings, RegisteredModel
+from jobs.models import GatewaySettings, Provider, RegisteredModel
 
 logger = logging.getLogger("crucible.gateway")
 
@@ -130,8 +131,39 @@ def models(capability: str | None = None, enabled_only: bool = True):
     return qs
 
 
-def _resolve(key: str, capability: str) -> RegisteredModel:
+MODEL_TTL_S = 2.0
+_model_cache: dict[str, tuple[float, int, RegisteredModel]] = {}
+_model_version = 0
+
+
+def _registry_changed(**kwargs) -> None:
+    """A provider or model saved or deleted in this process: drop the cached rows."""
+    global _model_version
+    _model_version += 1
+    _model_cache.clear()
+
+
+for _sender in (RegisteredModel, Provider):
+    post_save.connect(_registry_changed, sender=_sender, dispatch_uid=f"gw-{_sender.__name__}")
+    post_delete.connect(_registry_changed, sender=_sender, dispatch_uid=f"gw-d-{_sender.__name__}")
+
+
+def _lookup(key: str) -> RegisteredModel | None:
+    """The model row with its provider, kept MODEL_TTL_S per process (another process's edit
+    shows within that time; one in this process at once)."""
+    now = time.monotonic()
+    cached = _model_cache.get(key)
+    if cached and cached[0] > now and cached[1] == _model_version:
+        return cached[2]
+    version = _model_version
     model = RegisteredModel.objects.select_related("provider").filter(key=key).first()
+    if model is not None:
+        _model_cache[key] = (now + MODEL_TTL_S, version, model)
+    return model
+
+
+def _resolve(key: str, capability: str) -> RegisteredModel:
+    model = _lookup(key)
     if model is None:
         raise UnknownModel(
             f"No model '{key}' in the registry; registered models are listed at "
