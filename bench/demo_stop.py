@@ -33,6 +33,16 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER_ENV = "CRUCIBLE_DEMO_RUN"
+# The demo is the embedded mode in a throw-away folder, even where the environment (CI's
+# production mode) points at PostgreSQL, Redis or S3.
+NOT_EMBEDDED = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_BROKER_DIR", "S3_BUCKET")
+
+
+def _embedded_env(data_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in NOT_EMBEDDED}
+    env.pop("CRUCIBLE_PUBLIC_URL", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # make and manage.py pick the default settings
+    return {**env, "CRUCIBLE_DATA_DIR": str(data_dir)}
 
 
 def free_port() -> int:
@@ -72,13 +82,7 @@ def run(*, train: bool = False, sig: str = "TERM", ready_timeout: float = 600.0)
     data_dir = Path(tempfile.mkdtemp(prefix="crucible-demo-stop-"))
     port = free_port()
     marker = uuid.uuid4().hex
-    env = {
-        **os.environ,
-        "CRUCIBLE_DATA_DIR": str(data_dir),
-        MARKER_ENV: marker,
-    }
-    env.pop("CRUCIBLE_PUBLIC_URL", None)
-    env.pop("DJANGO_SETTINGS_MODULE", None)  # make and manage.py pick the default settings
+    env = {**_embedded_env(data_dir), MARKER_ENV: marker}
     argv = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo"]
     argv += ["HOST=127.0.0.1", f"PORT={port}"] + ([] if train else ["NO_TRAIN=1"])
     out = open(data_dir / "make.out", "wb")  # noqa: SIM115
@@ -171,9 +175,7 @@ def run_after_kill(*, ready_timeout: float = 300.0) -> dict:
     ran); the next demo stops them before it starts, so there is one beat, not two."""
     data_dir = Path(tempfile.mkdtemp(prefix="crucible-demo-stale-"))
     first_marker, second_marker = uuid.uuid4().hex, uuid.uuid4().hex
-    env = {**os.environ, "CRUCIBLE_DATA_DIR": str(data_dir)}
-    env.pop("CRUCIBLE_PUBLIC_URL", None)
-    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env = _embedded_env(data_dir)
     logs = data_dir / "log"
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     procs: list[subprocess.Popen] = []
