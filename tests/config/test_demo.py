@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import sys
 from io import StringIO
 from pathlib import Path
@@ -164,3 +165,40 @@ def test_a_demo_killed_with_sigkill_is_cleaned_up_by_the_next_one():
     assert figures["first_left_after_second_start"] == []
     assert figures["beats"] == 1
     assert figures["left"] == []
+
+
+_STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a worker deep in a long validation run
+signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+# A local training worker: detached into its own session, as the local executor starts it.
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_stop_all_kills_a_busy_worker_and_its_detached_training_worker(tmp_path):
+    import time
+
+    import psutil
+
+    supervisor = demo_run.Supervisor(
+        env={**os.environ}, log_dir=tmp_path, grace=1.0, stdout=StringIO(),
+        state_file=tmp_path / "demo.json",
+    )  # fmt: skip
+    child = supervisor.start(
+        "worker-long", [sys.executable, "-c", _STUBBORN], stop_signal=demo_run.COLD_SHUTDOWN
+    )
+    deadline = time.monotonic() + 60
+    while "started" not in (tmp_path / "worker-long.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    family = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    assert len(family) == 2
+    assert os.getsid(family[1].pid) != os.getsid(child.pid)  # detached like a training worker
+    took = supervisor.stop_all()
+    assert took < 1.0 + 3
+    assert not [p for p in family if demo_run._alive(p)]
+    assert supervisor.killed  # it needed the SIGKILL: SIGTERM and SIGQUIT were ignored
+    assert not (tmp_path / "demo.json").exists()
