@@ -212,6 +212,10 @@ def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float |
     return delay
 
 
+# config/retry.py (tenacity) was considered: the gateway also needs the breaker's bookkeeping
+# and fail-fast between attempts, a log line per attempt, each attempt's timeout cut to the
+# time left, and to stop (not sleep past) when the next wait would cross the deadline; a loop
+# over backoff_delay keeps all of that in one readable place.
 def _with_retries(
     *,
     adapter: BaseProvider,
