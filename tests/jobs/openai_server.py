@@ -336,4 +336,7 @@ if pytest is not None:
         conf.save()
         waits: list[float] = []
         monkeypatch.setattr(client, "sleep", waits.append)
-        return waits
+        yield waits
+        # Rolled-back rows fire no signals: drop the process's cached settings and models.
+        client._settings_cache = None
+        client._model_cache.clear()

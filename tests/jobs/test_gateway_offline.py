@@ -17,6 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
+def _offline_rows():
+    """The data migration's rows (a transactional test elsewhere flushes the database, and a
+    flush does not re-run data migrations)."""
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("jobs.migrations.0002_offline_provider")
+    migration.register(apps, None)
+
+
+@pytest.fixture(autouse=True)
 def _model_cache(settings):
     # The converted offline model is cached once per checkout (var/models), like the other
     # offline-model tests; a fresh data folder would convert the GGUF again.
