@@ -21,6 +21,7 @@ from jobs.gateway.client import (
     chat,
     embed,
     models,
+    reset_caches,
     settings_effective,
 )
 from jobs.gateway.errors import (
@@ -68,5 +69,6 @@ __all__ = [
     "embed",
     "models",
     "provider_for",
+    "reset_caches",
     "settings_effective",
 ]

@@ -143,6 +143,14 @@ def _registry_changed(**kwargs) -> None:
     _model_cache.clear()
 
 
+def reset_caches() -> None:
+    """Drop this process's cached settings and registry rows (after a queryset ``update()``
+    of providers or models, which sends no signal)."""
+    global _settings_cache
+    _settings_cache = None
+    _registry_changed()
+
+
 for _sender in (RegisteredModel, Provider):
     post_save.connect(_registry_changed, sender=_sender, dispatch_uid=f"gw-{_sender.__name__}")
     post_delete.connect(_registry_changed, sender=_sender, dispatch_uid=f"gw-d-{_sender.__name__}")

@@ -286,3 +286,20 @@ def test_embeddings_through_openai_provider(loopback_model, openai_server, fast_
 def test_list_models_through_the_provider(loopback_model, openai_server):
     adapter = gateway.provider_for(loopback_model.provider)
     assert [m["id"] for m in adapter.list_models()] == ["test-chat", "test-embed"]
+
+
+def test_registry_rows_are_cached_until_a_change(loopback_model, fast_gateway, openai_server):
+    from jobs.models import RegisteredModel
+
+    gateway.chat(model=loopback_model.key, request=BODY, cache="no-store")
+    # A queryset update sends no signal: the process keeps its copy until reset_caches().
+    RegisteredModel.objects.filter(pk=loopback_model.pk).update(enabled=False)
+    gateway.chat(model=loopback_model.key, request=BODY, cache="no-store")
+    gateway.reset_caches()
+    with pytest.raises(gateway.ModelDisabled):
+        gateway.chat(model=loopback_model.key, request=BODY, cache="no-store")
+    # A save (the settings page, the admin, the services) drops it at once.
+    loopback_model.refresh_from_db()
+    loopback_model.enabled = True
+    loopback_model.save()
+    assert gateway.chat(model=loopback_model.key, request=BODY, cache="no-store").meta.attempts == 1
