@@ -33,6 +33,15 @@ from config.celery import app
 from config.roles import Role
 from evaluation import services
 from evaluation.models import GeneratedResponse, JudgeScore, Report, RunStatus, ValidationRun
+from tests.browser.test_dashboard_browser import (  # noqa: F401 (fixtures)
+    PASSWORD,
+    _console_errors,
+    _shoot,
+    _sign_in,
+    browser,
+    driver,
+)
+from tests.browser.test_dashboard_browser import _wait as _browser_wait
 from tests.conftest import assert_envelope
 from tests.evaluation.core_fixtures import (  # noqa: F401
     completed_job,
@@ -563,3 +572,47 @@ def test_the_runs_list_and_the_job_card_show_where_a_run_is(client, pending_run)
     ):
         html = client.get(url).content.decode()
         assert "Retention: 37/100 questions (base model)" in html, url
+
+
+# --- In the browser ----------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_cancel_from_the_run_page_in_a_browser(browser, live_server, completed_job):
+    """The running run's panel says where it is and offers Cancel; confirming it shows the
+    cancelled run. Screenshots: var/screenshots/evaluation-run-{running,cancelled}.png."""
+    from django.utils import timezone
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    from config.services import user_create
+
+    user_create(username="ada", role=Role.ENGINEER, actor=None, password=PASSWORD)
+    run = services.validation_run_create(job=completed_job, user=None, enqueue=False)
+    ValidationRun.objects.filter(pk=run.pk).update(
+        status=RunStatus.RUNNING,
+        stage="retention",
+        progress=27.4,
+        stage_detail="Retention: 37/100 questions (base model)",
+        heartbeat_at=timezone.now(),
+        attempts=2,
+    )
+    _sign_in(browser, live_server, "ada", PASSWORD)
+    _browser_wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+    browser.get(f"{live_server.url}/evaluations/runs/{run.pk}/")
+    panel = browser.find_element(By.ID, "run-status")
+    assert "Knowledge retention" in panel.text and "27%" in panel.text
+    assert "Retention: 37/100 questions (base model)" in panel.text
+    assert "restarted" in panel.text
+    _shoot(browser, "evaluation-run-running.png")
+    panel.find_element(By.CSS_SELECTOR, '[data-action="cancel-run"]').click()
+    _browser_wait(browser).until(ec.alert_is_present()).accept()
+    _browser_wait(browser).until(ec.presence_of_element_located((By.ID, "run-cancelled")))
+    assert "The validation was cancelled by" in browser.find_element(By.ID, "run-cancelled").text, (
+        browser.find_element(By.ID, "run-cancelled").text
+    )
+    assert not browser.find_elements(By.ID, "run-status")
+    assert _console_errors(browser) == []
+    _shoot(browser, "evaluation-run-cancelled.png")
+    assert ValidationRun.objects.get(pk=run.pk).status == RunStatus.CANCELLED
