@@ -26,6 +26,7 @@ urlpatterns = [
     path("budgets/", include("billing.urls")),
     path("settings/", include("jobs.urls")),
     path("batch/", include("jobs.batch.urls")),
+    path("batch/", include("jobs.batch.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     # The OpenAI-compatible public API (jobs/public_api.py) and the chat pages.

@@ -135,8 +135,13 @@ def frameworks_list(request: HttpRequest):
     services.framework_sync()
     rows = FrameworkVersion.objects.select_related("framework").order_by("framework__name", "pk")
     return [
-        {"name": r.framework.name, "version": r.version, "sha256": r.sha256,
-         "title": r.content["title"], "fields": r.fields}  # fmt: skip
+        {
+            "name": r.framework.name,
+            "version": r.version,
+            "sha256": r.sha256,
+            "title": r.content["title"],
+            "fields": r.fields,
+        }
         for r in rows
     ]
 

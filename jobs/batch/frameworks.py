@@ -81,7 +81,7 @@ def parse_framework(data: Any, *, path: str | Path | None = None) -> FrameworkSp
     except SchemaError as exc:
         raise FrameworkError(
             f"not a JSON Schema: {exc.message}", path=path, pointer="/answer_schema"
-        )
+        ) from exc
     props = answer.get("properties", {})
     required = set(answer.get("required", []))
     seen = set()

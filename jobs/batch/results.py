@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import zipfile
 from datetime import timedelta
 from decimal import Decimal
@@ -19,7 +20,7 @@ from django.utils import timezone
 from jobs.batch import stats
 from jobs.batch.models import BatchJob, BatchStats, BatchTask, FrameworkVersion
 
-STATS_EVERY_S = 5.0  # recompute at most this often while a job runs
+STATS_EVERY_S = 30  # recompute at most this often while a job runs
 PACKAGES = ("numpy", "pandas", "scipy", "krippendorff", "pingouin", "jsonschema")
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
@@ -102,6 +103,23 @@ def stats_refresh(*, job_id, force: bool = False) -> BatchStats | None:
     return obj
 
 
+def stats_schedule(*, job_id, final: bool = False) -> None:
+    """Recompute the statistics off the task path: a control-queue task, at most one per job
+    every STATS_EVERY_S seconds while it runs (BATCH_LIVE_STATS=0 turns live updates off); the
+    final one always. Pages and the API recompute on read when the snapshot is behind."""
+    from django.core.cache import cache
+    from django.db import transaction
+
+    if not final and (
+        os.environ.get("BATCH_LIVE_STATS", "1") == "0"
+        or not cache.add(f"batch-stats:{job_id}", 1, timeout=STATS_EVERY_S)
+    ):
+        return
+    from jobs.batch.tasks import batch_stats
+
+    transaction.on_commit(lambda: batch_stats.delay(str(job_id), final))
+
+
 def progress(job: BatchJob) -> dict:
     by_status = dict(job.tasks.values_list("status").annotate(n=Count("pk")))
     by_model: dict[str, dict] = {}
@@ -142,8 +160,13 @@ def charts(job: BatchJob, data: dict) -> dict:
         if row["unit"] not in chart["labels"]:
             chart["labels"].append(row["unit"])
         chart["datasets"].setdefault(row["model"], []).append(
-            {"x": row["unit"], "y": row["mean"], "low": row["ci_t_low"], "high": row["ci_t_high"],
-             "n": row["n"]}  # fmt: skip
+            {
+                "x": row["unit"],
+                "y": row["mean"],
+                "low": row["ci_t_low"],
+                "high": row["ci_t_high"],
+                "n": row["n"],
+            }
         )
     agreement = [
         {
@@ -158,10 +181,13 @@ def charts(job: BatchJob, data: dict) -> dict:
     ]
     return {
         "distribution": [
-            {"title": k, "labels": v["labels"],
-             "datasets": [{"label": m, "data": pts} for m, pts in sorted(v["datasets"].items())]}
+            {
+                "title": k,
+                "labels": v["labels"],
+                "datasets": [{"label": m, "data": pts} for m, pts in sorted(v["datasets"].items())],
+            }
             for k, v in sorted(series.items())
-        ],  # fmt: skip
+        ],
         "agreement": agreement,
     }
 
@@ -230,10 +256,27 @@ if problems:
 print(f"OK: {len(per_text)} per-text rows and {len(agreement)} agreement rows recomputed.")
 '''
 
-TASK_COLUMNS = ["custom_id", "unit", "chunk_id", "framework", "model", "model_revision", "run",
-                "status", "attempts", "calls", "repairs", "error_code", "error_message",
-                "prompt_tokens", "completion_tokens", "cost", "latency_ms", "started_at",
-                "finished_at"]  # fmt: skip
+TASK_COLUMNS = [
+    "custom_id",
+    "unit",
+    "chunk_id",
+    "framework",
+    "model",
+    "model_revision",
+    "run",
+    "status",
+    "attempts",
+    "calls",
+    "repairs",
+    "error_code",
+    "error_message",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "latency_ms",
+    "started_at",
+    "finished_at",
+]
 
 
 def _package_versions() -> dict:
@@ -257,15 +300,32 @@ def replication_package(job: BatchJob) -> bytes:
     files: dict[str, bytes] = {}
     files["raw_outputs.jsonl"] = "".join(
         json.dumps(
-            {k: r[k] for k in ("custom_id", "unit", "framework", "model", "model_revision",
-                               "run", "status", "raw_output", "parsed_output",
-                               "validation_errors", "finished_at")},
-            sort_keys=True, ensure_ascii=False,
-        ) + "\n"
+            {
+                k: r[k]
+                for k in (
+                    "custom_id",
+                    "unit",
+                    "framework",
+                    "model",
+                    "model_revision",
+                    "run",
+                    "status",
+                    "raw_output",
+                    "parsed_output",
+                    "validation_errors",
+                    "finished_at",
+                )
+            },
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        + "\n"
         for r in rows
-    ).encode()  # fmt: skip
+    ).encode()
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=TASK_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=TASK_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     writer.writerows(rows)
     files["tasks.csv"] = buf.getvalue().encode()
@@ -296,7 +356,9 @@ def replication_package(job: BatchJob) -> bytes:
         )
         + "\n"
     ).encode()
-    files["versions.json"] = (json.dumps(_package_versions(), indent=2, sort_keys=True) + "\n").encode()
+    files["versions.json"] = (
+        json.dumps(_package_versions(), indent=2, sort_keys=True) + "\n"
+    ).encode()
     files["crucible_batch_stats.py"] = Path(stats.__file__).read_bytes()
     files["recompute.py"] = RECOMPUTE.encode()
     files["README.md"] = README.format(

@@ -43,8 +43,15 @@ BULK_BATCH = 2_000
 WINDOW_S = 10.0
 MAX_WINDOW = 64
 TASK_MAX_ATTEMPTS = 4  # task-level tries after the gateway's own retries are exhausted
-DECODING_KEYS = {"temperature", "top_p", "max_tokens", "seed", "presence_penalty",
-                 "frequency_penalty", "stop"}  # fmt: skip
+DECODING_KEYS = {
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+}
 DEFAULT_DECODING = {"temperature": 0.7, "max_tokens": 128}
 CHARS_PER_TOKEN = 4  # the estimate's prompt tokens: characters / 4 (the gateway counts exactly)
 
@@ -315,7 +322,7 @@ def code_version() -> str:
     repo = Path(settings.BASE_DIR)
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
+            ["git", "describe", "--always", "--dirty", "--tags"],  # noqa: S607 - git on PATH
             cwd=repo,
             capture_output=True,
             text=True,
@@ -380,7 +387,7 @@ def _frozen(plan: Plan) -> dict:
             "id": str(plan.corpus.pk),
             "name": plan.corpus.name,
             "checksum": plan.corpus.checksum,
-        },  # fmt: skip
+        },
         "frameworks": [
             {"name": f.framework.name, "version": f.version, "sha256": f.sha256}
             for f in plan.frameworks
@@ -543,9 +550,9 @@ def job_finish_if_done(job_id) -> bool:
         == 1
     )
     if done:
-        from jobs.batch.results import stats_refresh
+        from jobs.batch.results import stats_schedule
 
-        stats_refresh(job_id=job_id, force=True)
+        stats_schedule(job_id=job_id, final=True)
     return done
 
 
@@ -596,8 +603,13 @@ def _call_and_validate(task: BatchTask, job: BatchJob) -> Outcome:
     body = task_request(task, decoding)
     caller = gateway.Caller(user=job.created_by, feature="batch", subject=task)
     content = task.framework_version.content
-    totals = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": Decimal(0),
-              "latency_ms": 0.0}  # fmt: skip
+    totals = {
+        "calls": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cost": Decimal(0),
+        "latency_ms": 0.0,
+    }
     all_errors: list[str] = []
     repairs = 0
     while True:
@@ -632,7 +644,7 @@ def _call_and_validate(task: BatchTask, job: BatchJob) -> Outcome:
                     "validation_errors": all_errors,
                     "error_code": "",
                     "error_message": "",
-                },  # fmt: skip
+                },
             )
         all_errors += [f"[{kind}] {e}" for e in errors]
         if repairs >= 1:
@@ -728,10 +740,10 @@ def after_task(*, job_id, dispatch: bool = True) -> None:
     pending tasks itself), finish the job, refresh statistics (throttled)."""
     if dispatch:
         job_dispatch(job_id=job_id)
-    if not job_finish_if_done(job_id):
-        from jobs.batch.results import stats_refresh
+    if not job_finish_if_done(job_id) and dispatch:
+        from jobs.batch.results import stats_schedule
 
-        stats_refresh(job_id=job_id)
+        stats_schedule(job_id=job_id)
 
 
 # --- Control ------------------------------------------------------------------------------------

@@ -159,8 +159,15 @@ def krippendorff_alpha(
     pairable = (~np.isnan(matrix)).sum(axis=0) >= 2
     matrix = matrix[:, pairable]
     n_units = int(matrix.shape[1])
-    result = {"alpha": None, "ci_low": None, "ci_high": None, "n_units": n_units,
-              "n_coders": int(matrix.shape[0]), "n_boot": n_boot, "n_boot_undefined": 0}  # fmt: skip
+    result = {
+        "alpha": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n_units": n_units,
+        "n_coders": int(matrix.shape[0]),
+        "n_boot": n_boot,
+        "n_boot_undefined": 0,
+    }
     if n_units < 2:
         return result
     domain = np.unique(matrix[~np.isnan(matrix)])
@@ -199,8 +206,15 @@ def icc(frame: pd.DataFrame, *, form: str = ICC_FORM) -> dict:
 
     wide = frame.pivot_table(index="unit", columns="run", values="value", aggfunc="first")
     wide = wide.dropna()
-    out = {"form": form, "name": ICC_NAME, "icc": None, "ci_low": None, "ci_high": None,
-           "n_units": len(wide), "n_runs": int(wide.shape[1])}  # fmt: skip
+    out = {
+        "form": form,
+        "name": ICC_NAME,
+        "icc": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n_units": len(wide),
+        "n_runs": int(wide.shape[1]),
+    }
     if len(wide) < 5 or wide.shape[1] < 2 or np.nanvar(wide.to_numpy()) == 0:
         return out  # pingouin needs 5 targets; constant data has no variance to explain
     long = wide.reset_index().melt(id_vars="unit", var_name="run", value_name="value")
@@ -221,7 +235,7 @@ def per_text(values: pd.DataFrame) -> pd.DataFrame:
     rows = []
     keys = ["unit", "framework", "field", "level", "model"]
     for key, group in values.groupby(keys, sort=True):
-        unit, framework, field_, level, model = key
+        level = key[3]
         row = dict(zip(keys, key, strict=True))
         row["n"] = len(group)
         if level == "nominal":
@@ -243,8 +257,20 @@ def per_text(values: pd.DataFrame) -> pd.DataFrame:
                 ci_boot_high=_r(b_high),
             )
         rows.append(row)
-    columns = keys + ["n", "mean", "median", "sd", "variance", "ci_t_low", "ci_t_high",
-                      "ci_boot_low", "ci_boot_high", "mode", "mode_share"]  # fmt: skip
+    columns = [
+        *keys,
+        "n",
+        "mean",
+        "median",
+        "sd",
+        "variance",
+        "ci_t_low",
+        "ci_t_high",
+        "ci_boot_low",
+        "ci_boot_high",
+        "mode",
+        "mode_share",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -274,21 +300,45 @@ def agreement(
         for model, mframe in coded.groupby("model", sort=True):
             wide = mframe.pivot_table(index="run", columns="unit", values="value", aggfunc="first")
             res = krippendorff_alpha(
-                wide.to_numpy(dtype=float), level=level, seed=_seed(framework, field_, model),
+                wide.to_numpy(dtype=float),
+                level=level,
+                seed=_seed(framework, field_, model),
                 n_boot=n_boot,
-            )  # fmt: skip
-            rows.append({"framework": framework, "field": field_, "level": level,
-                         "between": "runs", "model": model, "statistic": "krippendorff_alpha",
-                         "value": res["alpha"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
-                         "n_units": res["n_units"], "n_raters": res["n_coders"],
-                         "n_boot_undefined": res["n_boot_undefined"]})  # fmt: skip
+            )
+            rows.append(
+                {
+                    "framework": framework,
+                    "field": field_,
+                    "level": level,
+                    "between": "runs",
+                    "model": model,
+                    "statistic": "krippendorff_alpha",
+                    "value": res["alpha"],
+                    "ci_low": res["ci_low"],
+                    "ci_high": res["ci_high"],
+                    "n_units": res["n_units"],
+                    "n_raters": res["n_coders"],
+                    "n_boot_undefined": res["n_boot_undefined"],
+                }
+            )
             if level in ("interval", "ratio"):
                 res = icc(mframe)
-                rows.append({"framework": framework, "field": field_, "level": level,
-                             "between": "runs", "model": model, "statistic": res["form"],
-                             "value": res["icc"], "ci_low": res["ci_low"],
-                             "ci_high": res["ci_high"], "n_units": res["n_units"],
-                             "n_raters": res["n_runs"], "n_boot_undefined": None})  # fmt: skip
+                rows.append(
+                    {
+                        "framework": framework,
+                        "field": field_,
+                        "level": level,
+                        "between": "runs",
+                        "model": model,
+                        "statistic": res["form"],
+                        "value": res["icc"],
+                        "ci_low": res["ci_low"],
+                        "ci_high": res["ci_high"],
+                        "n_units": res["n_units"],
+                        "n_raters": res["n_runs"],
+                        "n_boot_undefined": None,
+                    }
+                )
         summary = (
             frame.groupby(["model", "unit"], sort=True)["value"]
             .apply(lambda g, level=level: _unit_summary(g, level))
@@ -300,16 +350,41 @@ def agreement(
                 index="model", columns="unit", values="value", aggfunc="first"
             )
             res = krippendorff_alpha(
-                wide.to_numpy(dtype=float), level=level, seed=_seed(framework, field_, "models"),
+                wide.to_numpy(dtype=float),
+                level=level,
+                seed=_seed(framework, field_, "models"),
                 n_boot=n_boot,
-            )  # fmt: skip
-            rows.append({"framework": framework, "field": field_, "level": level,
-                         "between": "models", "model": "", "statistic": "krippendorff_alpha",
-                         "value": res["alpha"], "ci_low": res["ci_low"], "ci_high": res["ci_high"],
-                         "n_units": res["n_units"], "n_raters": res["n_coders"],
-                         "n_boot_undefined": res["n_boot_undefined"]})  # fmt: skip
-    columns = ["framework", "field", "level", "between", "model", "statistic", "value",
-               "ci_low", "ci_high", "n_units", "n_raters", "n_boot_undefined"]  # fmt: skip
+            )
+            rows.append(
+                {
+                    "framework": framework,
+                    "field": field_,
+                    "level": level,
+                    "between": "models",
+                    "model": "",
+                    "statistic": "krippendorff_alpha",
+                    "value": res["alpha"],
+                    "ci_low": res["ci_low"],
+                    "ci_high": res["ci_high"],
+                    "n_units": res["n_units"],
+                    "n_raters": res["n_coders"],
+                    "n_boot_undefined": res["n_boot_undefined"],
+                }
+            )
+    columns = [
+        "framework",
+        "field",
+        "level",
+        "between",
+        "model",
+        "statistic",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n_units",
+        "n_raters",
+        "n_boot_undefined",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -29,6 +29,15 @@ def batch_run_task(task_id: str) -> str | None:
     return services.task_run(task_id=task_id)
 
 
+@shared_task(name="jobs.batch.tasks.batch_stats", acks_late=True, ignore_result=True)
+def batch_stats(job_id: str, final: bool = False) -> int:
+    """Recompute a job's statistics (partial while it runs)."""
+    from jobs.batch.results import stats_refresh
+
+    snapshot = stats_refresh(job_id=job_id, force=True)
+    return snapshot.tasks_done if snapshot else 0
+
+
 @recoverer("batch_tasks")
 def _reconcile_batch() -> dict:
     # config.tasks.reconcile_long_tasks (beat, every minute) calls every registered step.
