@@ -9,6 +9,7 @@ feedback into a training file (and a Smoke job) through jobs/serving.py.
 from __future__ import annotations
 
 import re
+import uuid
 
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
@@ -41,17 +42,23 @@ def model_choices() -> dict:
         .select_related("provider")
         .order_by("provider__slug", "key")
     )
-    job_ids = []
-    for m in rows:
-        found = re.fullmatch(r"crucible-(.+)", m.remote_id)
-        if m.parent and found:
-            job_ids.append(found.group(1))
+
+    def job_id(m: RegisteredModel) -> str | None:
+        found = re.fullmatch(r"crucible-([0-9a-fA-F-]{32,36})", m.remote_id)
+        if not (m.parent and found):
+            return None
+        try:
+            return str(uuid.UUID(found.group(1)))
+        except ValueError:
+            return None
+
+    job_ids = [i for i in map(job_id, rows) if i]
     jobs = {str(j.pk): j for j in TrainingJob.objects.filter(pk__in=job_ids).only("id", "name")}
     bases: dict[str, list] = {}
     adapters = []
     for m in rows:
-        found = re.fullmatch(r"crucible-(.+)", m.remote_id)
-        job = jobs.get(found.group(1)) if (m.parent and found) else None
+        found = job_id(m)
+        job = jobs.get(found) if found else None
         if m.parent:
             adapters.append({"model": m, "job": job})
         else:

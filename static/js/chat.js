@@ -195,6 +195,7 @@
     transcript.appendChild(turn);
     wireFeedback(turn);
     transcript.scrollTop = transcript.scrollHeight;
+    document.getElementById("pane-" + pane).scrollIntoView({ block: "start" });
     return turn;
   }
 
@@ -244,4 +245,5 @@
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) form.requestSubmit();
   });
   setCompare();
+  form.dataset.ready = "1";
 })();
