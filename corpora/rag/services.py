@@ -221,8 +221,9 @@ def _embed_batches(
     user,
     beat: Heartbeat | None,
     counts: RefreshCounts,
-    batch: int = EMBED_BATCH,
+    batch: int | None = None,
 ) -> np.ndarray:
+    batch = batch or EMBED_BATCH  # read at call time (the bench compares batch sizes)
     out: list[list[float]] = []
     for start in range(0, len(texts), batch):
         result = gateway.embed(
