@@ -100,3 +100,28 @@ class AccessLogMiddleware:
             },
         )
         return response
+
+
+class MetricsMiddleware:
+    """Counts every request and its latency by route pattern (config/metrics.py) and puts
+    the request id on the OpenTelemetry span when tracing is on (config/tracing.py)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        from config import metrics, tracing
+
+        started = time.perf_counter()
+        if tracing.enabled():
+            tracing.annotate(getattr(request, "request_id", ""))
+        response = self.get_response(request)
+        match = getattr(request, "resolver_match", None)
+        route = ("/" + match.route) if match is not None and match.route else "unmatched"
+        metrics.observe_request(
+            method=request.method or "",
+            route=route,
+            status=response.status_code,
+            seconds=time.perf_counter() - started,
+        )
+        return response

@@ -8,6 +8,7 @@ each part to its production counterpart independently. README.md lists them all.
 
 from __future__ import annotations
 
+import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -450,3 +451,19 @@ GATEWAY_RATE_WINDOW_S = env.int("GATEWAY_RATE_WINDOW_S", default=60)  # "per min
 GATEWAY_DEFAULT_MAX_TOKENS = env.int("GATEWAY_DEFAULT_MAX_TOKENS", default=1024)  # reservations
 GATEWAY_OFFLINE_MAX_TOKENS = env.int("GATEWAY_OFFLINE_MAX_TOKENS", default=512)
 GATEWAY_OFFLINE_DEVICE = env.str("GATEWAY_OFFLINE_DEVICE", default="auto")
+
+# --- Metrics, tracing and backpressure (config/metrics.py, config/tracing.py) ------------------
+# prometheus_client in multiprocess mode: every web and worker process writes its counters
+# under this folder (set before prometheus_client is imported anywhere). Clear it when all
+# processes are stopped (docs/runbook.md). /metrics wants `Authorization: Bearer METRICS_TOKEN`
+# or any signed-in user/API token. OTel exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+PROMETHEUS_MULTIPROC_DIR = env.str(
+    "PROMETHEUS_MULTIPROC_DIR", default=str(DATA_DIR / "prometheus")
+)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", PROMETHEUS_MULTIPROC_DIR)
+Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+MIDDLEWARE.insert(1, "config.middleware.MetricsMiddleware")
+# Batch evaluations are refused (503 + Retry-After) while the long queue holds this many tasks.
+EVAL_QUEUE_LIMIT = env.int("EVAL_QUEUE_LIMIT", default=1000)
+EVAL_QUEUE_RETRY_AFTER_S = env.int("EVAL_QUEUE_RETRY_AFTER_S", default=30)

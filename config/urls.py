@@ -4,6 +4,7 @@ from django.urls import include, path
 
 from config import views
 from config.api import api
+from config.metrics import metrics_view
 from jobs.public_api import public_api
 
 admin.site.site_header = "Crucible administration"
@@ -26,12 +27,13 @@ urlpatterns = [
     path("budgets/", include("billing.urls")),
     path("settings/", include("jobs.urls")),
     path("batch/", include("jobs.batch.urls")),
-    path("batch/", include("jobs.batch.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     # The OpenAI-compatible public API (jobs/public_api.py) and the chat pages.
     path("v1/", public_api.urls),
     path("chat/", include("jobs.urls_chat")),
+    path("evals/", include("evaluation.evals.urls")),  # issue 17: evaluations and dashboard
+    path("metrics", metrics_view, name="metrics"),  # Prometheus exposition (protected)
 ]
 
 handler400 = "config.views.bad_request"

@@ -292,3 +292,163 @@ class Approval(models.Model):
 
     class Meta:
         ordering = ["-decided_at", "-id"]
+
+
+# --- Evaluation datasets, single evaluations and batch evaluations (issue 17) -----------------
+
+
+class EvalDataset(models.Model):
+    """A versioned evaluation dataset (JSONL of input, reference, contexts, metadata); each
+    upload under a name is a new version; the file's sha256 is kept."""
+
+    name = models.SlugField(max_length=100)
+    version = models.PositiveIntegerField()
+    description = models.TextField(blank=True)
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    sample_count = models.PositiveIntegerField(default=0)
+    schema_version = models.CharField(max_length=8, default="1")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["name", "version"], name="eval_dataset_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+class EvalSample(models.Model):
+    dataset = models.ForeignKey(EvalDataset, on_delete=models.CASCADE, related_name="samples")
+    index = models.PositiveIntegerField(help_text="0-based position in the file")
+    line = models.PositiveIntegerField(help_text="1-based line in the uploaded file")
+    input = models.TextField()
+    reference = models.TextField(blank=True)
+    contexts = models.JSONField(default=list, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["dataset", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "index"], name="eval_sample_index")
+        ]
+
+
+class BatchEval(models.Model):
+    """A batch evaluation: every (sample x model x run) of a dataset scored with one rubric."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200, blank=True)
+    dataset = models.ForeignKey(EvalDataset, on_delete=models.PROTECT, related_name="batches")
+    rubric = models.CharField(max_length=100)
+    rubric_version = models.CharField(max_length=32)
+    rubric_sha256 = models.CharField(max_length=64)
+    models_list = models.JSONField(default=list)
+    runs = models.PositiveSmallIntegerField(default=1)
+    frozen = models.JSONField(default=dict, help_text="Decoding, judge, code version, environment")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    item_count = models.PositiveIntegerField(default=0)
+    aggregates = models.JSONField(default=dict, blank=True)
+    error_message = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
+class EvalRun(models.Model):
+    """One scored sample: a single evaluation (``batch`` empty) or an item of a batch
+    evaluation. Keeps what was scored, the scores per dimension, the failure class, the
+    judge's prompt/model/version and the run metadata (model parameters, rubric version and
+    hash, environment, timestamps)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    class Failure(models.TextChoices):
+        NONE = "", "None"
+        JUDGE_REFUSAL = "judge_refusal", "Judge refusal"
+        INVALID_OUTPUT = "invalid_output", "Invalid output"
+        TIMEOUT = "timeout", "Timeout"
+        PROVIDER_ERROR = "provider_error", "Provider error"
+        BELOW_THRESHOLD = "below_threshold", "Below threshold"
+
+    OPEN = (Status.PENDING, Status.QUEUED, Status.RUNNING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    batch = models.ForeignKey(
+        BatchEval, null=True, blank=True, on_delete=models.CASCADE, related_name="items"
+    )
+    dataset = models.ForeignKey(
+        EvalDataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    sample = models.ForeignKey(
+        EvalSample, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    sample_index = models.PositiveIntegerField(null=True, blank=True)
+    model_key = models.CharField(max_length=300, blank=True)
+    run = models.PositiveSmallIntegerField(default=1)
+    rubric = models.CharField(max_length=100)
+    rubric_version = models.CharField(max_length=32)
+    rubric_sha256 = models.CharField(max_length=64)
+    input = models.TextField()
+    reference = models.TextField(blank=True)
+    contexts = models.JSONField(default=list, blank=True)
+    output = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    scores = models.JSONField(default=dict, blank=True)
+    passed = models.BooleanField(null=True)
+    failure = models.CharField(max_length=20, choices=Failure.choices, blank=True, default="")
+    error_message = models.TextField(blank=True)
+    judge = models.JSONField(default=dict, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, default=0)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["batch", "status"], name="eval_run_batch_status"),
+            models.Index(fields=["batch", "failure"], name="eval_run_batch_failure"),
+        ]

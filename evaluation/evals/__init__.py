@@ -1,0 +1,1 @@
+"""Evaluation datasets, rubrics, single and batch evaluations (issue 17)."""

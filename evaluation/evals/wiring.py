@@ -1,0 +1,66 @@
+"""Wiring done once per process from EvaluationConfig.ready()."""
+
+from __future__ import annotations
+
+from django.db.models.signals import post_save
+
+_connected = False
+
+
+def _llm_call_saved(sender, instance, created, **kwargs) -> None:
+    """The gateway's metrics hook: every ledger row (one per gateway call, cached or failed)
+    goes to config.metrics in the process that made the call."""
+    if not created:
+        return
+    from config import metrics
+
+    metrics.observe_llm_call(
+        provider=instance.provider,
+        model=instance.model,
+        outcome=instance.outcome if instance.outcome == "ok" else instance.outcome[:40],
+        cached=instance.cached,
+        latency_ms=instance.latency_ms or 0.0,
+        prompt_tokens=instance.prompt_tokens,
+        completion_tokens=instance.completion_tokens,
+        cost=float(instance.cost or 0),
+    )
+
+
+def connect() -> None:
+    global _connected
+    if _connected:
+        return
+    _connected = True
+    from billing.models import LlmCall
+    from config import metrics, tracing
+    from evaluation.evals import kpis, tasks  # noqa: F401 - registers the Celery tasks
+
+    post_save.connect(_llm_call_saved, sender=LlmCall, dispatch_uid="crucible-llm-metrics")
+    metrics.register_gauges("evaluation", kpis.gauges)
+    tracing.setup()
+    try:
+        from jobs.public_api import public_api
+    except ImportError:  # a checkout without the public API
+        return
+    from evaluation.evals.api import router
+    from evaluation.evals.services import QueueFull
+
+    public_api.add_router("", router)
+
+    @public_api.exception_handler(QueueFull)
+    def _queue_full(request, exc: QueueFull):
+        from django.http import JsonResponse
+
+        from config.errors import envelope
+
+        response = JsonResponse(
+            envelope(
+                code=exc.code,
+                message=exc.message,
+                details=exc.details,
+                request_id=getattr(request, "request_id", None),
+            ),
+            status=503,
+        )
+        response["Retry-After"] = str(exc.retry_after)
+        return response
