@@ -153,3 +153,22 @@ def readiness(timeout: float = CHECK_TIMEOUT_S) -> dict:
         "providers": providers(),
         "components": components,
     }
+
+
+def public_view(result: dict) -> dict:
+    """What an anonymous caller (a load balancer, a status page) sees of ``readiness()``: the
+    status of each part only. Exception texts, host names, URLs and bucket names stay with
+    signed-in admins: they map the deployment for anyone who asks."""
+    return {
+        "status": result["status"],
+        "degraded": result["degraded"],
+        "checks": {name: {"status": check["status"]} for name, check in result["checks"].items()},
+        "providers": {
+            name: {"configured": bool(provider.get("configured"))}
+            for name, provider in result["providers"].items()
+        },
+        "components": {
+            name: {"status": "error" if "error" in part else "ok"}
+            for name, part in result["components"].items()
+        },
+    }

@@ -66,7 +66,21 @@ def healthz(request: HttpRequest) -> JsonResponse:
 @never_cache
 def readyz(request: HttpRequest) -> JsonResponse:
     result = health.readiness()
-    return JsonResponse(result, status=200 if result["status"] == "ok" else 503)
+    status = 200 if result["status"] == "ok" else 503
+    if not _is_admin_caller(request):
+        result = health.public_view(result)
+    return JsonResponse(result, status=status)
+
+
+def _is_admin_caller(request: HttpRequest) -> bool:
+    """A signed-in admin: the dashboard session, or an admin's API token (for scripts)."""
+    from config.auth import ApiTokenAuth
+    from config.roles import Role, role_of
+
+    user = request.user if request.user.is_authenticated else None
+    if user is None and request.headers.get("Authorization"):
+        user = ApiTokenAuth().authenticate(request, request.headers["Authorization"])
+    return user is not None and role_of(user) is Role.ADMIN
 
 
 def _is_api(request: HttpRequest) -> bool:

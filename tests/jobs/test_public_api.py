@@ -311,7 +311,8 @@ def test_model_server_down_is_a_clear_503_and_readyz_says_so(api_as, client, set
     error = assert_envelope(response, 503, "model_unavailable")
     assert url in error["message"] and "not reachable" in error["message"]
     assert int(response["Retry-After"]) >= 1
-    ready = client.get("/readyz").json()
+    admin_token = api_as(Role.ADMIN).token  # details are for admins
+    ready = client.get("/readyz", headers={"Authorization": f"Token {admin_token.key}"}).json()
     server = ready["components"]["model_runtime"]["server"]
     assert server["state"] == "down" and server["url"] == url
 
@@ -449,6 +450,9 @@ def test_openai_sdk_lists_chats_streams_and_embeds(live_server, model_server, se
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="wrong").models.list()
 
-    ready = httpx.get(f"{live_server.url}/readyz").json()
+    admin_token = TokenFactory(user=UserFactory(role=Role.ADMIN))  # details are for admins
+    ready = httpx.get(
+        f"{live_server.url}/readyz", headers={"Authorization": f"Token {admin_token.key}"}
+    ).json()
     assert ready["components"]["model_runtime"]["server"]["state"] == "up"
     assert Provider.objects.get(slug="crucible-server").base_url == model_server
