@@ -46,7 +46,7 @@ from training.models import (
     TrainingPod,
     WebhookEvent,
 )
-from training.webhooks import signature_problem
+from training.webhooks import refusal as webhook_refusal
 
 logger = logging.getLogger("crucible.training")
 
@@ -780,15 +780,14 @@ def training_event_receive(
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput("The event body must be JSON with job_id, event_id and type.") from exc
     job = TrainingJob.objects.filter(pk=job_id).first() if _is_uuid(job_id) else None
-    problem = (
-        "unknown job"
-        if job is None
-        else signature_problem(
-            secret=job.webhook_secret, timestamp=timestamp, body=body, signature=signature
-        )
+    problem = webhook_refusal(
+        secret=job.webhook_secret if job else None,
+        timestamp=timestamp,
+        body=body,
+        signature=signature,
     )
     if problem:
-        raise NotAuthenticated(f"Webhook refused: {problem}.", code="bad_signature")
+        raise NotAuthenticated(problem, code="bad_signature")
     if event_id_header and event_id_header != event_id:
         raise InvalidInput("X-Crucible-Event-Id does not match the body's event_id.")
     try:

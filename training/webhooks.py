@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import time
 
 MAX_AGE_SECONDS = 300
@@ -30,3 +31,25 @@ def signature_problem(
     if not hmac.compare_digest(sign(secret, timestamp, body), signature):
         return "the signature does not match"
     return None
+
+
+def refusal(
+    *, secret: str | None, timestamp: str, body: bytes, signature: str, now: float | None = None
+) -> str | None:
+    """None when the event may be processed, else the 401 message.
+
+    An unknown job (``secret`` None) is checked against a random key: it gets exactly the
+    answer a known job with a wrong signature gets (and in about the same time), so a
+    caller without the job's secret cannot learn whether the job exists. The reasons that
+    remain (missing headers, stale timestamp, mismatch) depend only on what the caller sent.
+    """
+    problem = signature_problem(
+        secret=secret if secret is not None else secrets.token_hex(32),
+        timestamp=timestamp,
+        body=body,
+        signature=signature,
+        now=now,
+    )
+    if problem is None and secret is None:  # a guessed 256-bit key: never in practice
+        problem = "the signature does not match"
+    return f"Webhook refused: {problem}." if problem else None

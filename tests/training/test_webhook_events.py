@@ -230,3 +230,27 @@ def test_oom_gives_a_retry_with_a_smaller_micro_batch(running_job, post_event, e
 
 def test_only_failed_or_cancelled_jobs_retry(running_job, engineer):
     assert_envelope(engineer.post(f"training/jobs/{running_job.pk}/retry"), 409)
+
+
+def test_unknown_job_and_bad_signature_get_the_same_401_body(running_job, client):
+    """No oracle: without the job's secret, a caller cannot tell whether the job exists."""
+
+    def post(body: bytes, headers: dict) -> dict:
+        response = client.post(
+            "/api/v1/training/webhook", data=body, content_type="application/json", headers=headers
+        )
+        error = assert_envelope(response, 401, "bad_signature")
+        error.pop("request_id", None)
+        return error
+
+    forged_body, forged_headers = signed_event(running_job, "heartbeat", secret="guessed")
+    unknown_body, unknown_headers = signed_event(running_job, "heartbeat", secret="guessed")
+    unknown_body = unknown_body.replace(str(running_job.pk).encode(), str(uuid.uuid4()).encode())
+    forged, unknown = post(forged_body, forged_headers), post(unknown_body, unknown_headers)
+    assert forged == unknown
+    assert forged["message"] == "Webhook refused: the signature does not match."
+    # Stale or unsigned: the reason depends on what was sent, never on the job's existence.
+    stale = signed_event(running_job, "heartbeat", ts=time.time() - 3600)
+    stale_unknown = (stale[0].replace(str(running_job.pk).encode(), b"not-a-job"), stale[1])
+    assert post(*stale) == post(*stale_unknown)
+    assert WebhookEvent.objects.count() == 0
