@@ -458,3 +458,36 @@ def test_citation_check_and_support_scores():
     assert multi.answer == "Cats and dogs [1, 2]." and multi.invalid_citations == [9]
     none = grounding.check_answer("I do not know.", sources)
     assert none.flags == ["no_citation", "unsupported_sentence"] and none.faithfulness == 0.0
+
+
+def test_a_build_whose_worker_died_is_queued_again(sample_corpus, monkeypatch, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from corpora import tasks
+
+    queued: list[str] = []
+    monkeypatch.setattr(tasks.knowledge_base_build_task, "delay", queued.append)
+    long_ago = timezone.now() - timedelta(seconds=settings.LONG_TASK_STALE_AFTER_S + 60)
+    dead = KnowledgeBase.objects.create(
+        name="Dead", claimed_by="host:1:abc", heartbeat_at=long_ago, attempts=1
+    )
+    alive = KnowledgeBase.objects.create(
+        name="Alive", claimed_by="host:2:def", heartbeat_at=timezone.now(), attempts=1
+    )
+    spent = KnowledgeBase.objects.create(
+        name="Spent", claimed_by="host:3:ghi", heartbeat_at=long_ago, attempts=99
+    )
+    out = tasks.recover_knowledge_bases()
+    assert out == {"requeued": [str(dead.pk)], "failed": [str(spent.pk)]}
+    assert queued == [str(dead.pk)]
+    dead.refresh_from_db()
+    assert dead.claimed_by == "" and dead.status == "building"
+    alive.refresh_from_db()
+    assert alive.claimed_by == "host:2:def"
+    spent.refresh_from_db()
+    assert spent.status == "failed" and spent.claimed_by == ""
+    # The requeued build claims the row again and completes.
+    dead.corpora.add(sample_corpus)
+    assert build(dead).version == 1
