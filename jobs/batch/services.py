@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -833,24 +834,21 @@ def batch_reconcile() -> dict:
 
 def job_run_inline(*, job: BatchJob, progress: Callable[[int], object] | None = None) -> dict:
     """Run a job's open tasks in this process (``manage.py run_batch``): stale claims are
-    recovered first, then pending tasks are claimed one by one (the same atomic claim as the
-    workers, so a worker running beside it never runs a task twice)."""
+    recovered first, then pending and queued tasks are claimed one by one (the same atomic
+    claim as the workers, so a worker running beside it never runs a task twice)."""
     BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.PAUSED).update(status="running")
-    tasks_recover(job_id=job.pk, stale_after_s=0 if progress is None else None)
-    done = 0
+    tasks_recover(job_id=job.pk)
     while True:
         now = timezone.now()
         ids = list(
-            job.tasks.filter(status=BatchTask.Status.PENDING)
+            job.tasks.filter(status__in=(BatchTask.Status.PENDING, BatchTask.Status.QUEUED))
             .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
             .order_by("id")
             .values_list("pk", flat=True)[:500]
         )
         if not ids:
             if job.tasks.filter(status=BatchTask.Status.PENDING).exists():
-                import time
-
-                time.sleep(0.2)
+                time.sleep(0.2)  # a retry waiting for its backoff
                 continue
             break
         for pk in ids:
@@ -859,10 +857,8 @@ def job_run_inline(*, job: BatchJob, progress: Callable[[int], object] | None = 
             ):
                 return _summary(job)
             status = task_run(task_id=pk, dispatch=False)
-            if status and status != BatchTask.Status.PENDING:
-                done += 1
-                if progress:
-                    progress(1)
+            if status and status != BatchTask.Status.PENDING and progress:
+                progress(1)
     job_finish_if_done(job.pk)
     return _summary(job)
 

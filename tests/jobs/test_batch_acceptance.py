@@ -282,3 +282,67 @@ def test_openai_batch_files_match_by_custom_id(
         task = BatchTask.objects.get(pk=request["custom_id"])
         assert output["response"]["body"]["choices"][0]["message"]["content"] == task.raw_output
         assert output["error"] is None
+
+
+def test_run_batch_command_creates_runs_resumes_and_exports(narratives, json_model, tmp_path):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    out = io.StringIO()
+    call_command(
+        "run_batch",
+        "--corpus",
+        str(narratives.pk),
+        "--frameworks",
+        "moral_foundations",
+        "--models",
+        json_model.key,
+        "--runs",
+        "2",
+        "--documents",
+        "jfk-inaugural",
+        "--estimate-only",
+        stdout=out,
+    )
+    assert "tasks: 2" in out.getvalue() and BatchJob.objects.count() == 0
+    out = io.StringIO()
+    call_command(
+        "run_batch",
+        "--corpus",
+        str(narratives.pk),
+        "--frameworks",
+        "moral_foundations",
+        "--models",
+        json_model.key,
+        "--runs",
+        "2",
+        "--documents",
+        "jfk-inaugural",
+        "--no-progress",
+        stdout=out,
+    )
+    job = BatchJob.objects.get()
+    assert "completed" in out.getvalue() and job.status == "completed"
+    # A crashed claim: the task looks running with a stale heartbeat; resume runs only it.
+    task = job.tasks.first()
+    BatchTask.objects.filter(pk=task.pk).update(status="running", heartbeat_at=None, raw_output="")
+    BatchJob.objects.filter(pk=job.pk).update(status="running")
+    calls_before = _ledger(job).count()
+    call_command("run_batch", str(job.pk), "--no-progress", stdout=io.StringIO())
+    task.refresh_from_db()
+    assert task.status == "succeeded" and task.raw_output and task.attempts == 2
+    assert _ledger(job).count() == calls_before + 1  # only that task ran again
+    path = tmp_path / "requests.jsonl"
+    call_command("run_batch", str(job.pk), "--export-requests", str(path), stdout=io.StringIO())
+    assert len(path.read_text().splitlines()) == 2
+    with pytest.raises(CommandError, match="Unknown model"):
+        call_command(
+            "run_batch",
+            "--corpus",
+            str(narratives.pk),
+            "--frameworks",
+            "moral_foundations",
+            "--models",
+            "x/y",
+            "--all",
+        )

@@ -1,0 +1,231 @@
+"""Batch LLM jobs: throughput through the whole path, overhead per task, memory of task creation.
+
+1. Throughput: a job on the loopback OpenAI server (50 ms per call) with a rate limit of
+   BENCH_BATCH_RPM requests per minute, run by a real Celery worker (BENCH_BATCH_CONCURRENCY
+   processes, queues long+control) through dispatch windows, the gateway (rate limiter, ledger,
+   cache) and the database; against a sequential loop of the same calls with the openai SDK in
+   the same run. Target: within 10% of the rate limit.
+2. Overhead per task: the same tasks run in process (claim, prompt, gateway, validation, result
+   write, window top-up) on a server without latency, minus the direct SDK calls, per task.
+   Target: under 5 ms.
+3. Task creation: wall time and Python peak memory (tracemalloc) of bulk-creating 1,000 to
+   100,000 task rows from a generator. Target: flat memory.
+
+Sizes: BENCH_BATCH_TASKS (default 400), BENCH_BATCH_RPM (default 1200), BENCH_BATCH_SIZES.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup(server, rpm: int | None, slug: str):
+    from jobs.models import Provider, RegisteredModel
+
+    provider = Provider.objects.create(
+        slug=slug, name=slug, kind="openai", base_url=server.url, requests_per_minute=rpm
+    )
+    return RegisteredModel.objects.create(
+        provider=provider,
+        remote_id="bench-chat",
+        key=f"{slug}/bench-chat",
+        price_input_per_m=1,
+        price_output_per_m=2,
+        price_source="admin",
+        capabilities=["chat"],
+    )
+
+
+def _corpus():
+    from corpora import services as corpus_services
+
+    data = (ROOT / "samples" / "corpus" / "narratives.jsonl").read_bytes()
+    return corpus_services.corpus_create(
+        name="Bench narratives", upload=io.BytesIO(data), user=None
+    )
+
+
+def _job(corpus, model, n_tasks: int, *, start: bool):
+    from jobs.batch import services
+
+    chunks = list(corpus.chunks.order_by("pk").values_list("pk", flat=True))
+    runs = max(1, min(20, n_tasks // (2 * len(chunks)) or 1))
+    per_chunk = 2 * runs
+    chunk_ids = chunks[: max(1, n_tasks // per_chunk)]
+    return services.job_create(
+        user=None,
+        corpus_id=corpus.pk,
+        selection={"chunk_ids": chunk_ids},
+        frameworks=["narrative_salience", "moral_foundations"],
+        models=[model.key],
+        runs=runs,
+        decoding={"max_tokens": 64},
+        start=start,
+    )
+
+
+def _direct(server, job) -> float:
+    """The same requests, sequentially, with the openai SDK (no platform): seconds."""
+    import json
+
+    import openai
+
+    from jobs.batch import services
+
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+    bodies = [json.loads(line)["body"] for line in services.openai_batch_requests(job=job)]
+    started = time.perf_counter()
+    for body in bodies:
+        client.chat.completions.create(**body)
+    return time.perf_counter() - started
+
+
+def throughput(corpus, n_tasks: int, rpm: int, concurrency: int) -> None:
+    from django.conf import settings
+
+    from jobs.batch.models import BatchJob
+    from tests.jobs.batch_support import json_completion
+    from tests.jobs.openai_server import OpenAIServer
+
+    server = OpenAIServer(latency=0.05)
+    server.completion = json_completion
+    try:
+        model = _setup(server, rpm, "bench-rl")
+        job = _job(corpus, model, n_tasks, start=False)
+        direct_s = _direct(server, job)
+        server.reset()
+        env = {**os.environ, "BATCH_LIVE_STATS": "0", "PYTHONPATH": str(ROOT)}
+        log = Path(settings.DATA_DIR) / "bench-batch-worker.log"
+        worker = subprocess.Popen(  # noqa: S603 - our own celery executable
+            [
+                str(Path(sys.executable).parent / "celery"),
+                "-A",
+                "config.celery",
+                "worker",
+                "-Q",
+                "long,control",
+                "-c",
+                str(concurrency),
+                "--loglevel=WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            time.sleep(8)  # the worker's start (imports), not part of the measurement
+            from jobs.batch import services
+
+            started = time.perf_counter()
+            services.job_resume(job=BatchJob.objects.get(pk=job.pk))
+            services.enqueue_dispatch(job.pk)
+            while BatchJob.objects.get(pk=job.pk).status == "running":
+                time.sleep(0.2)
+                if time.perf_counter() - started > 1800:
+                    raise RuntimeError("the job did not finish in 30 minutes")
+            wall = time.perf_counter() - started
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=30)
+        done = job.tasks.filter(status="succeeded").count()
+        limit = rpm / 60
+        print(
+            f"throughput: {done}/{job.task_count} tasks in {wall:.1f} s = {done / wall:.2f} "
+            f"tasks/s through Celery ({concurrency} processes) + gateway + DB, rate limit "
+            f"{limit:.2f}/s ({100 * done / wall / limit:.0f}% of it); sequential SDK loop of "
+            f"the same calls: {job.task_count / direct_s:.2f} calls/s "
+            f"({1000 * direct_s / job.task_count:.1f} ms each, 50 ms server latency)"
+        )
+    finally:
+        server.close()
+
+
+def overhead(corpus, n_tasks: int) -> None:
+    from jobs.batch import results, services
+    from tests.jobs.batch_support import json_completion
+    from tests.jobs.openai_server import OpenAIServer
+
+    server = OpenAIServer()
+    server.completion = json_completion
+    results.STATS_EVERY_S = 10**9
+    try:
+        model = _setup(server, None, "bench-fast")
+        job = _job(corpus, model, n_tasks, start=False)
+        direct_s = _direct(server, job)
+        started = time.perf_counter()
+        services.job_run_inline(job=job)
+        platform_s = time.perf_counter() - started
+        n = job.tasks.filter(status="succeeded").count()
+        print(
+            f"overhead: {n} tasks in process {1000 * platform_s / n:.2f} ms/task vs direct SDK "
+            f"{1000 * direct_s / n:.2f} ms/call: platform adds "
+            f"{1000 * (platform_s - direct_s) / n:.2f} ms per task (target < 5 ms)"
+        )
+    finally:
+        server.close()
+
+
+def creation(corpus, sizes: list[int]) -> None:
+    from jobs.batch import services
+    from jobs.batch.models import BatchJob, BatchTask, FrameworkVersion
+
+    fw = FrameworkVersion.objects.select_related("framework").first()
+    chunk = corpus.chunks.first()
+    for size in sizes:
+        job = BatchJob.objects.create(name=f"bench {size}", corpus=corpus, runs=1, task_count=size)
+        rows = (
+            BatchTask(
+                id=services.task_id(job.pk, chunk.pk, fw.label, f"m/{i // 20}", i % 20 + 1),
+                job_id=job.pk,
+                chunk_id=chunk.pk,
+                framework_version_id=fw.pk,
+                model_key=f"m/{i // 20}",
+                run=i % 20 + 1,
+            )
+            for i in range(size)
+        )
+        tracemalloc.start()
+        started = time.perf_counter()
+        created = services.tasks_bulk_create(rows)
+        wall = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(
+            f"creation: {created:>7} tasks in {wall:6.2f} s ({created / wall:,.0f}/s), "
+            f"peak Python memory {peak / 2**20:.1f} MiB"
+        )
+        job.delete()
+
+
+def main() -> None:
+    for name in ("crucible.gateway", "httpx", "openai", "crucible.batch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from jobs.batch import services
+
+    services.framework_sync()
+    corpus = _corpus()
+    n_tasks = int(os.environ.get("BENCH_BATCH_TASKS", "400"))
+    sizes = [int(s) for s in os.environ.get("BENCH_BATCH_SIZES", "1000,10000,100000").split(",")]
+    creation(corpus, sizes)
+    overhead(corpus, min(n_tasks, 200))
+    throughput(
+        corpus,
+        n_tasks,
+        int(os.environ.get("BENCH_BATCH_RPM", "1200")),
+        int(os.environ.get("BENCH_BATCH_CONCURRENCY", "4")),
+    )
