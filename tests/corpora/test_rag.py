@@ -491,3 +491,21 @@ def test_a_build_whose_worker_died_is_queued_again(sample_corpus, monkeypatch, s
     # The requeued build claims the row again and completes.
     dead.corpora.add(sample_corpus)
     assert build(dead).version == 1
+
+
+def test_segments_live_in_s3_in_production_mode(
+    s3_storage, sample_corpus, django_capture_on_commit_callbacks
+):
+    from config.storage import storage_is_s3
+
+    assert storage_is_s3()
+    with django_capture_on_commit_callbacks(execute=False):
+        kb = rag.knowledge_base_create(name="On S3", corpus_ids=[sample_corpus.pk], user=None)
+    kb = build(kb)
+    (segment,) = kb.manifest["segments"]
+    assert storage_exists(segment["vectors"]) and storage_exists(segment["ids"])
+    found = rag.rag_retrieve(knowledge_base=kb, question=FEAR)
+    assert chunk_key(found.contexts[0]) == FEAR_CHUNK
+    with django_capture_on_commit_callbacks(execute=True):
+        rag.knowledge_base_delete(knowledge_base=kb)
+    assert not storage_exists(segment["vectors"]) and not storage_exists(segment["ids"])
