@@ -509,3 +509,29 @@ def test_segments_live_in_s3_in_production_mode(
     with django_capture_on_commit_callbacks(execute=True):
         rag.knowledge_base_delete(knowledge_base=kb)
     assert not storage_exists(segment["vectors"]) and not storage_exists(segment["ids"])
+
+
+def test_response_profile_shapes_the_answer_request(sample_kb, answer_with, openai_server):
+    from jobs.models import ResponseProfile
+
+    ResponseProfile.objects.create(
+        name="terse",
+        version=2,
+        title="Terse",
+        target_words=20,
+        max_tokens=48,
+        register="formal",
+        persona="Answer in one formal sentence.",
+        temperature=0.2,
+        source_path="jobs/profiles/terse.v2.yaml",
+        checksum="0" * 64,
+    )
+    model = answer_with("Fear itself [1].")
+    out = rag.rag_query(knowledge_base=sample_kb, question=FEAR, model=model, profile="terse")
+    (call,) = openai_server.calls()
+    assert call.body["max_tokens"] == 48 and call.body["temperature"] == 0.2
+    assert call.body["messages"][0]["content"].startswith("Answer in one formal sentence.")
+    assert out["profile"] == "terse@v2"
+    with pytest.raises(InvalidInput):
+        rag.rag_query(knowledge_base=sample_kb, question=FEAR, model=model, profile="nope")
+    assert len(openai_server.calls()) == 1
