@@ -346,3 +346,59 @@ def test_run_batch_command_creates_runs_resumes_and_exports(narratives, json_mod
             "x/y",
             "--all",
         )
+
+
+def test_task_creation_memory_is_flat_and_ids_are_deterministic(narratives):
+    import tracemalloc
+
+    from jobs.batch.models import FrameworkVersion
+
+    services.framework_sync()
+    fw = FrameworkVersion.objects.select_related("framework").first()
+    chunk = narratives.chunks.first()
+    peaks = {}
+    for size in (2_000, 20_000):
+        job = BatchJob.objects.create(name=f"{size}", corpus=narratives, runs=1, task_count=size)
+        rows = (
+            BatchTask(
+                id=services.task_id(job.pk, chunk.pk, fw.label, f"m/{i // 20}", i % 20 + 1),
+                job=job,
+                chunk=chunk,
+                framework_version=fw,
+                model_key=f"m/{i // 20}",
+                run=i % 20 + 1,
+            )
+            for i in range(size)
+        )
+        tracemalloc.start()
+        assert services.tasks_bulk_create(rows) == size
+        peaks[size] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert job.tasks.count() == size
+    # Ten times the tasks, about the same memory: one batch of rows is held at a time.
+    assert peaks[20_000] < 1.5 * peaks[2_000] + 2**20, peaks
+    assert services.task_id("j", 1, "f@1", "m", 1) == services.task_id("j", 1, "f@1", "m", 1)
+    assert services.task_id("j", 1, "f@1", "m", 1) != services.task_id("j", 1, "f@1", "m", 2)
+
+
+def test_a_task_runs_once_however_often_it_is_delivered(
+    narratives, json_model, django_capture_on_commit_callbacks
+):
+    from django.db import IntegrityError, transaction
+
+    with django_capture_on_commit_callbacks(execute=False):
+        job = _create(narratives, [json_model.key], chunks=1, runs=1)
+    task = job.tasks.first()
+    BatchTask.objects.filter(pk=task.pk).update(status="queued")
+    assert services.task_run(task_id=task.pk, dispatch=False) == "succeeded"
+    assert services.task_run(task_id=task.pk, dispatch=False) is None  # a second delivery
+    assert _ledger(job).count() == 1
+    with pytest.raises(IntegrityError), transaction.atomic():
+        BatchTask.objects.create(
+            id="tduplicate",
+            job=job,
+            chunk=task.chunk,
+            framework_version=task.framework_version,
+            model_key=task.model_key,
+            run=task.run,
+        )
