@@ -20,8 +20,9 @@ Routes (the shapes vLLM's OpenAI server uses, so one gateway provider reaches ei
 The base model is loaded once. Adapters are peft adapters on it (``load_adapter`` /
 ``set_adapter``); at most K stay resident, least recently used unloaded first (their path is
 remembered, so they come back on the next request). One generation thread owns the model:
-requests for the same adapter (and the same sampling settings) that arrive within the batch
-window share one left-padded ``generate`` call of at most B rows; token counts are exact (the
+requests with the same sampling settings that arrive within the batch window share one
+left-padded ``generate`` call of at most B rows whatever their adapters (peft's mixed-adapter
+batches: one adapter name per row; at most K adapters in a batch); token counts are exact (the
 tokenizer's prompt tokens per row, generated tokens up to and including end-of-sequence).
 Streaming is real: a streamer hands each step's tokens to every row's SSE stream.
 """
@@ -67,11 +68,11 @@ class GenRequest:
     enqueued: float = field(default_factory=time.perf_counter)
 
     def group(self) -> tuple:
-        """Rows that may share one generate call: same adapter and decoding (and, when
-        sampling, the same seed, so a seeded request stays reproducible)."""
+        """Rows that may share one generate call: the same decoding (and, when sampling, the
+        same seed, so a seeded request stays reproducible). Adapters may differ: peft runs a
+        mixed batch with one adapter name per row."""
         sampling = self.temperature > 0
         return (
-            self.adapter,
             sampling,
             self.temperature if sampling else 0.0,
             self.top_p if sampling else 1.0,
@@ -245,7 +246,16 @@ class Engine:
                     break
                 self._cond.wait(timeout=left)
             group = self._pending[0].group()
-            batch = [r for r in self._pending if r.group() == group][: self.max_batch]
+            batch, adapters = [], set()
+            for r in self._pending:
+                if r.group() != group or len(batch) >= self.max_batch:
+                    continue
+                # every adapter of a batch must be resident at once: at most K of them
+                if r.adapter and r.adapter not in adapters:
+                    if len(adapters) >= self.max_adapters:
+                        continue
+                    adapters.add(r.adapter)
+                batch.append(r)
             taken = {id(r) for r in batch}
             self._pending = [r for r in self._pending if id(r) not in taken]
             return batch
@@ -302,7 +312,8 @@ class Engine:
                     stream.flush()
 
         with self.model_lock:
-            load_s = self._ensure_resident(first.adapter) if first.adapter else 0.0
+            wanted = list(dict.fromkeys(r.adapter for r in batch if r.adapter))
+            load_s = sum(self._ensure_resident(name) for name in wanted)
             kwargs: dict[str, Any] = {
                 "max_new_tokens": limit,
                 "repetition_penalty": first.repetition_penalty,
@@ -318,14 +329,15 @@ class Engine:
                 kwargs["streamer"] = Fanout()
             from peft import PeftModel
 
+            context: Any = contextlib.nullcontext()
+            names = {r.adapter for r in batch}
             if isinstance(self.model, PeftModel):
-                if first.adapter:
+                if len(names) > 1:  # a mixed batch: each row names its adapter
+                    kwargs["adapter_names"] = [r.adapter or "__base__" for r in batch]
+                elif first.adapter:
                     self.model.set_adapter(first.adapter)
-                    context: Any = contextlib.nullcontext()
                 else:
                     context = self.model.disable_adapter()
-            else:
-                context = contextlib.nullcontext()
             with context, torch.inference_mode():
                 torch.manual_seed(first.seed)
                 output = self.model.generate(**inputs, **kwargs)
