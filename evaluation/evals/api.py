@@ -215,7 +215,9 @@ def eval_get(request: HttpRequest, run_id: UUID):
 
 @router.post("/batch-evals", auth=CHAT_AUTH, response={202: dict}, summary="Start a batch eval")
 def batch_create(request: HttpRequest, payload: BatchEvalIn):
-    batch = services.batch_eval_create(user=request.auth, **payload.dict())
+    fields = payload.dict()
+    fields["dataset_id"] = fields.pop("dataset")
+    batch = services.batch_eval_create(user=request.auth, **fields)
     batch.refresh_from_db()
     return 202, batch_out(batch)
 

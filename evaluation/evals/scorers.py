@@ -216,8 +216,11 @@ def _judge(rubric, dim, *, input, output, contexts, judge_model, caller, scored)
         grade = parse_scores(text, ["score"])["score"]
     except JudgeAnswerError as exc:
         if REFUSAL.search(text):
-            raise JudgeRefused(f"The judge refused to grade: {text[:200]!r}") from exc
-        raise JudgeInvalid(str(exc)) from exc
+            error: Exception = JudgeRefused(f"The judge refused to grade: {text[:200]!r}")
+        else:
+            error = JudgeInvalid(str(exc))
+        error.judge = scored.judge  # the prompt, model and answer stay on the stored run
+        raise error from exc
     return _normalised(grade, dim["scale"])
 
 

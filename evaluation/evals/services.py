@@ -168,6 +168,7 @@ def execute(run: EvalRun, *, interactive: bool) -> EvalRun:
             run.save()
             return run
         if isinstance(exc, scorers.JudgeRefused | scorers.JudgeInvalid):
+            run.judge = getattr(exc, "judge", run.judge)
             judge_dim = next(
                 (d["key"] for d in rubric.dimensions if d["method"] == "judge"), "judge"
             )
