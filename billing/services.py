@@ -94,19 +94,13 @@ def gpu_price_get(*, gpu_type: str, executor: str = "runpod") -> GpuPrice:
 def gpu_prices_refresh(*, user: AbstractUser | None = None) -> int:
     """Update the catalog from RunPod's prices; returns how many prices changed.
 
-    Works only where the RunPod executor is configured (settings.RUNPOD_API_KEY) and
-    provides ``training.executors.runpod.gpu_prices()`` -> [{"gpu_type", "display_name",
-    "spot_per_hour", "on_demand_per_hour"}]; the RunPod executor issue adds that client.
-    Until then (or without a key) it changes nothing and returns 0: the catalog keeps the
-    seeded and admin-edited prices.
+    Prices come from ``training.executors.runpod.gpu_prices()``. Without a RunPod key it
+    changes nothing and returns 0: the catalog keeps the seeded and admin-edited prices.
     """
     if not getattr(settings, "RUNPOD_API_KEY", ""):
         return 0
-    try:
-        from training.executors.runpod import gpu_prices
-    except ImportError:
-        logger.info("RunPod price refresh skipped: the RunPod executor has no price client yet")
-        return 0
+    from training.executors.runpod import gpu_prices  # billing is read by training: no cycle
+
     changed = 0
     now = timezone.now()
     for row in gpu_prices():

@@ -167,9 +167,6 @@ class ChunkQuerySet(models.QuerySet):
     def of_corpus(self, corpus):
         return self.filter(corpus=corpus).order_by("document_id", "position")
 
-    def with_document(self):
-        return self.select_related("document").defer("document__text")
-
 
 class Chunk(models.Model):
     """A span of a document's text, the unit that models read."""

@@ -262,10 +262,6 @@ class ShareLink(models.Model):
         ordering = ["-created_at"]
 
     @property
-    def is_usable(self) -> bool:
-        return self.revoked_at is None and self.expires_at > timezone.now()
-
-    @property
     def state(self) -> str:
         if self.revoked_at:
             return "revoked"

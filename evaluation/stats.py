@@ -366,10 +366,6 @@ def krippendorff_alpha(
 # ------------------------------------------------------------------ brand voice
 
 
-def _consistency_stat(means, axis=-1):
-    return np.mean(means, axis=axis) / RUBRIC_MAX * 100.0
-
-
 def brand_consistency(
     scores: Sequence[dict[str, float]],
     *,

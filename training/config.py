@@ -39,10 +39,6 @@ class Hyperparameters(Schema):
     max_grad_norm: float = Field(1.0, gt=0, le=100)
     seed: int = Field(42, ge=0, le=2**31 - 1)
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps
-
 
 class RunSettings(Schema):
     model_config = ConfigDict(extra="forbid")

@@ -8,6 +8,9 @@ from config.errors import Conflict, InvalidInput, PermissionDenied
 from config.roles import Role
 from evaluation import services
 from evaluation.models import HumanRating, RatingPair, Report, Side
+
+# The real renderer, kept before the fake_pdf fixture replaces it.
+from evaluation.report import render_report_pdf as REAL_RENDER
 from tests.evaluation.core_fixtures import (  # noqa: F401
     completed_job,
     completed_run,
@@ -18,11 +21,6 @@ from tests.evaluation.core_fixtures import (  # noqa: F401
     rate_all,
 )
 from tests.factories import UserFactory
-
-try:  # the real renderer, kept before the fake_pdf fixture replaces it
-    from evaluation.report import render_report_pdf as REAL_RENDER
-except ImportError:  # pragma: no cover - until evaluation/report.py lands
-    REAL_RENDER = None
 
 pytestmark = pytest.mark.django_db
 

@@ -10,11 +10,17 @@ import pytest
 from django.conf import settings
 
 from evaluation import report
+from tests.evaluation.core_fixtures import require_poppler
 from tests.evaluation.report_context import realistic_context
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("pdftoppm") and shutil.which("pdftotext")), reason="needs poppler-utils"
-)
+
+@pytest.fixture
+def poppler():
+    """Only the tests that turn pages into images and text need poppler; the others never
+    skip."""
+    require_poppler()
+
+
 SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "screenshots"
 
 
@@ -44,7 +50,7 @@ def rated():
     return context, report.render_report_pdf(context)
 
 
-def test_report_pages_show_the_numbers_of_the_run(rated, tmp_path):
+def test_report_pages_show_the_numbers_of_the_run(rated, tmp_path, poppler):
     context, pdf = rated
     assert pdf.startswith(b"%PDF")
     pages = _pages(pdf, tmp_path, "report")
@@ -106,7 +112,7 @@ def test_same_context_same_report(rated):
     assert 'name="dcterms.created" content="2026-11-30T15:40:00+00:00"' in first
 
 
-def test_report_without_ratings_says_what_is_missing(tmp_path):
+def test_report_without_ratings_says_what_is_missing(tmp_path, poppler):
     context = realistic_context(ratings=False)
     context["metrics"]["perplexity"] = None
     pdf = report.render_report_pdf(context)

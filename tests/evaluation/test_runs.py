@@ -246,6 +246,10 @@ def test_the_workers_completed_event_starts_the_validation(
 def _pdf_pages_and_text(pdf: bytes, tmp_path) -> tuple[list, str]:
     import subprocess
 
+    from tests.evaluation.core_fixtures import require_poppler
+
+    require_poppler()
+
     path = tmp_path / "report.pdf"
     path.write_bytes(pdf)
     subprocess.run(["pdftoppm", "-r", "40", "-png", str(path), str(tmp_path / "page")], check=True)
