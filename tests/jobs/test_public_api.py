@@ -456,3 +456,13 @@ def test_openai_sdk_lists_chats_streams_and_embeds(live_server, model_server, se
     ).json()
     assert ready["components"]["model_runtime"]["server"]["state"] == "up"
     assert Provider.objects.get(slug="crucible-server").base_url == model_server
+
+
+@pytest.mark.django_db
+def test_model_server_command_says_when_the_server_does_not_answer():
+    from django.core.management import CommandError, call_command
+
+    url = f"http://127.0.0.1:{_dead_port()}/v1"
+    with pytest.raises(CommandError, match="does not answer"):
+        call_command("model_server", "--url", url)
+    assert not Provider.objects.filter(slug="crucible-server").exists()
