@@ -352,6 +352,17 @@ class Command(BaseCommand):
                     del supervisor.children["train"]
 
             supervisor.start("web", [python, manage, "runserver", f"{host}:{port}", "--noreload"])
+            if os.environ.get("MODEL_SERVER") == "1":
+                # Opt-in: the OpenAI-compatible model server (gpu/serve.py) beside the web, as
+                # the gateway's crucible-server provider (README: Serving). Without it the
+                # offline models load in-process on first use.
+                server_port = os.environ.get("MODEL_SERVER_PORT", "8765")
+                supervisor.start("model-server", [python, "-m", "gpu.serve", "--port", server_port])
+                supervisor.start(
+                    "model-server-sync",
+                    [python, manage, "model_server", "--wait", "300",
+                     "--url", f"http://127.0.0.1:{server_port}/v1"],
+                )  # fmt: skip
             supervisor.start(
                 "worker-control",
                 [*celery, "-A", "config", "worker", "-Q", "control", "-c", "2", "-n",
