@@ -324,6 +324,8 @@ SLACK_WEBHOOK_URL = env.str("SLACK_WEBHOOK_URL", default="")
 # for RunPod workers.
 CRUCIBLE_PUBLIC_URL = env.str("CRUCIBLE_PUBLIC_URL", default="")
 TRAINING_HEARTBEAT_TIMEOUT_S = env.int("TRAINING_HEARTBEAT_TIMEOUT_S", default=300)
+# A RunPod pod's storage grants (presigned URLs and upload policy) expire after this long.
+TRAINING_MAX_DURATION_HOURS = env.float("TRAINING_MAX_DURATION_HOURS", default=48.0)
 TRAINING_MAX_RECOVERIES = env.int("TRAINING_MAX_RECOVERIES", default=3)
 TRAINING_CANCEL_GRACE_S = env.int("TRAINING_CANCEL_GRACE_S", default=120)
 # Launch workers in the calling process instead of through Celery (the `train` command).

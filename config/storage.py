@@ -113,7 +113,9 @@ def storage_listdir(path: str) -> tuple[list[str], list[str]]:
 def storage_worker_settings() -> tuple[dict, dict]:
     """What a worker process needs to reach this storage: (spec fields, environment).
 
-    Credentials go in the environment, never into a job spec.
+    The platform's own keys, for a worker on this machine (the local executor: same host,
+    same trust). Credentials go in the environment, never into a job spec. Workers elsewhere
+    (RunPod pods) get grants instead: see ``storage_presigned_get``/``storage_presigned_post``.
     """
     if not storage_is_s3():
         return {}, {}
@@ -127,3 +129,89 @@ def storage_worker_settings() -> tuple[dict, dict]:
     if default_storage.secret_key:
         env["AWS_SECRET_ACCESS_KEY"] = default_storage.secret_key
     return options, env
+
+
+# --- Grants for workers on other machines ----------------------------------------------------
+# A RunPod pod gets no keys: presigned GET URLs for what it reads and a presigned POST policy
+# for what it writes, restricted to its job's prefix, both expiring with the job. S3 checks
+# the signature and the policy's conditions; the platform's secret never leaves this process.
+
+POST_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
+GRANT_MAX_SECONDS = 7 * 24 * 3600  # SigV4 presigned requests live at most 7 days
+
+
+def _s3_key(path: str) -> str:
+    return "/".join(p for p in (default_storage.location, path.strip("/")) if p)
+
+
+def _s3_client():
+    """A client with the storage's endpoint and keys that signs with SigV4 (grants need it:
+    expiry is part of the signature, and every S3-compatible store accepts it)."""
+    import boto3
+    from botocore.config import Config
+
+    keys = {}
+    if default_storage.access_key:
+        keys = {
+            "aws_access_key_id": default_storage.access_key,
+            "aws_secret_access_key": default_storage.secret_key,
+        }
+    return boto3.client(
+        "s3",
+        endpoint_url=default_storage.endpoint_url or None,
+        region_name=default_storage.region_name or "us-east-1",
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": default_storage.addressing_style or "auto"},
+        ),
+        **keys,
+    )
+
+
+def storage_presigned_get(path: str, *, expires: int) -> str:
+    """A URL that reads ``path`` (and nothing else) for ``expires`` seconds. S3 only."""
+    return _s3_client().generate_presigned_url(
+        "get_object",
+        Params={"Bucket": default_storage.bucket_name, "Key": _s3_key(path)},
+        ExpiresIn=min(int(expires), GRANT_MAX_SECONDS),
+    )
+
+
+def storage_presigned_post(prefix: str, *, expires: int, max_bytes: int = POST_MAX_BYTES) -> dict:
+    """An upload grant for keys under ``prefix`` only: {"url", "fields", "key_prefix"}.
+
+    The policy's conditions are a ``starts-with`` on the key (the job's folder), the size
+    range and the bucket; the worker adds ``key`` (under ``key_prefix``) and ``file``. S3
+    refuses any other key, a larger file or a use after ``expires`` seconds."""
+    key_prefix = _s3_key(prefix).rstrip("/") + "/"
+    post = _s3_client().generate_presigned_post(
+        Bucket=default_storage.bucket_name,
+        # Ending in ${filename}, boto3 writes the key condition as a starts-with.
+        Key=key_prefix + "${filename}",
+        Conditions=[
+            ["starts-with", "$key", key_prefix],
+            ["content-length-range", 0, int(max_bytes)],
+        ],
+        ExpiresIn=min(int(expires), GRANT_MAX_SECONDS),
+    )
+    fields = {k: v for k, v in post["fields"].items() if k != "key"}
+    return {"url": post["url"], "fields": fields, "key_prefix": key_prefix}
+
+
+def storage_tree(prefix: str) -> dict[str, int]:
+    """Every file under ``prefix`` (recursive): {path relative to prefix: size in bytes}."""
+    prefix = prefix.strip("/")
+    if storage_is_s3():
+        full = _s3_key(prefix) + "/"
+        found = {}
+        paginator = default_storage.connection.meta.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=default_storage.bucket_name, Prefix=full):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(full) :]] = int(item["Size"])
+        return found
+    root = Path(default_storage.path(prefix))
+    if not root.is_dir():
+        return {}
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()
+    }

@@ -72,6 +72,11 @@ class OutputSpec:
     uri: str
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Grants instead of keys (a worker on another machine, e.g. a RunPod pod): a presigned POST
+    # policy limited to the job's prefix, {"url", "fields", "key_prefix"}, and presigned GET
+    # URLs of the checkpoint to resume from, {key relative to uri: url}.
+    upload: dict | None = None
+    resume_files: dict | None = None
 
 
 @dataclass
@@ -103,6 +108,10 @@ class JobSpec:
         data.pop("warnings")
         if redact and data["webhook"].get("secret"):
             data["webhook"]["secret"] = "***"  # noqa: S105 - a redaction mark, not a secret
+        if redact and data["output"].get("upload"):
+            data["output"]["upload"] = "***"  # a signed policy: a credential until it expires
+        if redact and data["output"].get("resume_files"):
+            data["output"]["resume_files"] = sorted(data["output"]["resume_files"])
         return data
 
 
@@ -300,6 +309,7 @@ def resolve_spec(raw: dict[str, Any]) -> JobSpec:
         raise SpecError("spec.output.uri must be file://, s3:// or an absolute path")
     if output.uri.startswith("s3://") and not re.fullmatch(r"s3://[^/]+(/.*)?", output.uri):
         raise SpecError("spec.output.uri: s3 URIs look like s3://bucket/prefix")
+    _check_grants(output)
 
     webhook = _fill(WebhookSpec, _section(raw, "webhook"), "webhook", warnings)
     if webhook.url is not None:
@@ -338,6 +348,35 @@ def resolve_spec(raw: dict[str, Any]) -> JobSpec:
     if not isinstance(spec.resume, bool):
         raise SpecError("spec.resume must be true or false")
     return spec
+
+
+def _is_http_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def _check_grants(output: OutputSpec) -> None:
+    if output.upload is not None:
+        upload = output.upload
+        if not output.uri.startswith("s3://"):
+            raise SpecError("spec.output.upload needs an s3:// output.uri")
+        if (
+            not isinstance(upload, dict)
+            or not _is_http_url(upload.get("url"))
+            or not isinstance(upload.get("fields"), dict)
+            or not isinstance(upload.get("key_prefix"), str)
+        ):
+            raise SpecError(
+                "spec.output.upload must be {url: http(s) URL, fields: {...}, key_prefix: str}"
+            )
+        bucket_prefix = output.uri[len("s3://") :].partition("/")[2].strip("/")
+        if upload["key_prefix"].strip("/") != bucket_prefix:
+            raise SpecError("spec.output.upload.key_prefix must be the output.uri's prefix")
+    if output.resume_files is not None:
+        files = output.resume_files
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and _is_http_url(v) for k, v in files.items()
+        ):
+            raise SpecError("spec.output.resume_files must map keys to http(s) URLs")
 
 
 def webhook_from_raw(raw: Any) -> tuple[str | None, str | None, str | None]:

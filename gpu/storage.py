@@ -197,7 +197,95 @@ class S3Storage(Storage):
         return sorted(keys)
 
 
-def open_storage(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+class GrantStorage(Storage):
+    """The job's S3 prefix reached with grants only, no keys (a RunPod pod).
+
+    Writes go through a presigned POST policy whose conditions S3 checks (the key starts
+    with the job's prefix, the size, the expiry); reads only through the presigned GET URLs
+    the platform handed out (the checkpoint to resume from). Listing shows those keys.
+    """
+
+    def __init__(self, uri: str, upload: dict, readable: dict[str, str] | None = None):
+        self.bucket, prefix = split_s3_uri(uri)
+        self.prefix = prefix.strip("/")
+        self.upload = upload
+        self.readable = dict(readable or {})
+
+    def _key(self, rel: str) -> str:
+        rel = rel.lstrip("/")
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def uri(self, rel: str = "") -> str:
+        return (
+            f"s3://{self.bucket}/{self._key(rel)}" if rel else f"s3://{self.bucket}/{self.prefix}"
+        )
+
+    def _post(self, data: bytes, rel: str, attempts: int = 5) -> None:
+        key = self._key(rel)
+        if not key.startswith(self.upload["key_prefix"]):
+            raise WorkerError(f"Key outside the job's upload grant: {key}")
+        # S3 wants the policy's fields first and the file last (urllib3 is botocore's HTTP
+        # client, so already installed: its multipart encoder keeps the order).
+        from urllib3 import encode_multipart_formdata
+
+        fields = [*self.upload["fields"].items(), ("key", key), ("file", (Path(key).name, data))]
+        body, content_type = encode_multipart_formdata(fields)
+        delay = 1.0
+        for attempt in range(1, attempts + 1):
+            request = urllib.request.Request(  # noqa: S310 - the grant's URL is http(s)
+                self.upload["url"], data=body, headers={"Content-Type": content_type}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=120):  # noqa: S310 - http(s) only
+                    return
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:300].decode(errors="replace")
+                if exc.code < 500 or attempt == attempts:
+                    raise NetworkError(
+                        f"Upload of {key} refused: HTTP {exc.code} {detail}"
+                    ) from exc
+            except (urllib.error.URLError, OSError) as exc:
+                if attempt == attempts:
+                    raise NetworkError(f"Could not upload {key}: {exc}") from exc
+            time.sleep(delay)
+            delay *= 2
+
+    def put_file(self, local, rel):
+        self._post(Path(local).read_bytes(), rel)
+
+    def put_bytes(self, data, rel):
+        self._post(data, rel)
+
+    def get_bytes(self, rel):
+        url = self.readable.get(rel.lstrip("/"))
+        if url is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "object"
+            _http_download(url, target)
+            return target.read_bytes()
+
+    def get_file(self, rel, local):
+        url = self.readable.get(rel.lstrip("/"))
+        if url is None:
+            raise WorkerError(f"No read grant for {rel}")
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        _http_download(url, Path(local))
+
+    def list(self, prefix=""):
+        return sorted(k for k in self.readable if k.startswith(prefix))
+
+
+def open_storage(
+    uri: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    *,
+    upload: dict | None = None,
+    readable: dict[str, str] | None = None,
+) -> Storage:
+    if uri.startswith("s3://") and upload:
+        return GrantStorage(uri, upload, readable)
     if uri.startswith("s3://"):
         return S3Storage(uri, endpoint_url, region)
     return LocalStorage(file_uri_to_path(uri))

@@ -80,7 +80,11 @@ class Worker:
         else:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"crucible-{spec.job_id[:12]}-"))
         self.storage = open_storage(
-            spec.output.uri, spec.output.s3_endpoint_url, spec.output.s3_region
+            spec.output.uri,
+            spec.output.s3_endpoint_url,
+            spec.output.s3_region,
+            upload=spec.output.upload,
+            readable=spec.output.resume_files,
         )
         spool_dir = self.storage.root if self.storage.is_local else self.workdir
         self.emitter = make_emitter(

@@ -4,8 +4,9 @@ Built on the ``runpod`` SDK: on-demand pods with ``runpod.create_pod``
 (``podFindAndDeployOnDemand``); spot pods with RunPod's ``podRentInterruptable`` mutation and
 a bid per GPU, sent through the SDK's GraphQL helper (the SDK has no function for it). The job
 spec travels base64-encoded in ``CRUCIBLE_JOB_SPEC_B64`` (gpu/PROTOCOL.md); the pod gets the
-job's own webhook secret, storage credentials and the model cache on the volume, never the
-platform's RunPod API key.
+job's own webhook secret, storage grants (``pod_grants``: presigned GET URLs for what it reads,
+a presigned POST policy for its job's prefix; never the platform's S3 keys) and the model cache
+on the volume, never the platform's RunPod API key.
 
 The handle stored on the job is the pod id. Every pod gets a ``TrainingPod`` row, so pods that
 outlive their job (a stopped pod still bills for its storage) are found and terminated.
@@ -295,12 +296,72 @@ def _is_loopback(url: str) -> bool:
     return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 
+# --- Least privilege: what a pod may read and write ----------------------------------------
+
+STORAGE_KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _resume_checkpoint(output_path: str) -> tuple[int, list[str]] | None:
+    """The newest checkpoint under the job's output whose manifest lists files that are all
+    stored with their sizes: (step, keys relative to the output, manifest first). The worker
+    still checks every sha256 against the manifest and starts over if one does not match."""
+    from config.storage import storage_read, storage_tree
+
+    tree = storage_tree(f"{output_path}/checkpoints")
+    steps = sorted(
+        {int(m.group(1)) for k in tree if (m := re.match(r"step-(\d+)/", k))}, reverse=True
+    )
+    for step in steps:
+        folder = f"step-{step:06d}"
+        if f"{folder}/manifest.json" not in tree:
+            continue
+        try:
+            manifest = json.loads(storage_read(f"{output_path}/checkpoints/{folder}/manifest.json"))
+            files = [(e["path"], int(e["size"])) for e in manifest["files"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if all(tree.get(f"{folder}/{path}") == size for path, size in files):
+            keys = [f"checkpoints/{folder}/manifest.json"]
+            return step, keys + [f"checkpoints/{folder}/{path}" for path, _ in files]
+    return None
+
+
+def pod_grants(*, spec: dict, env: dict) -> tuple[dict, dict]:
+    """The spec and environment a pod gets on S3: no storage keys, only presigned GET URLs
+    for the training file and the checkpoint it resumes from, and a presigned POST policy
+    for the job's own prefix, all expiring after the job's maximum duration
+    (TRAINING_MAX_DURATION_HOURS). On local disk (the loopback RunPod in tests) unchanged."""
+    from config.storage import (
+        storage_is_s3,
+        storage_path_from_uri,
+        storage_presigned_get,
+        storage_presigned_post,
+    )
+
+    env = {k: v for k, v in env.items() if k.upper() not in STORAGE_KEY_VARIABLES}
+    if not storage_is_s3():
+        return spec, env
+    expires = int(settings.TRAINING_MAX_DURATION_HOURS * 3600)
+    spec = json.loads(json.dumps(spec))  # a copy: the caller's spec stays as built
+    training_path = storage_path_from_uri(spec["training_file"]["uri"])
+    spec["training_file"]["uri"] = storage_presigned_get(training_path, expires=expires)
+    output = spec["output"]
+    output_path = storage_path_from_uri(output["uri"])
+    output["upload"] = storage_presigned_post(output_path, expires=expires)
+    found = _resume_checkpoint(output_path) if spec.get("resume", True) else None
+    output["resume_files"] = {
+        key: storage_presigned_get(f"{output_path}/{key}", expires=expires)
+        for key in (found[1] if found else [])
+    }
+    return spec, env
+
+
 class RunPodExecutor:
     name = "runpod"
 
     # ------------------------------------------------------------------ launch
     def pod_env(self, *, spec: dict, env: dict, attempt: int) -> dict[str, str]:
-        """What the pod's container gets: the spec, storage credentials, the cache paths."""
+        """What the pod's container gets: the spec (with its grants), the cache paths."""
         mount = settings.RUNPOD_VOLUME_MOUNT_PATH.rstrip("/")
         values = {
             # Never the platform's own RunPod key, whatever the caller passed.
@@ -349,6 +410,7 @@ class RunPodExecutor:
                 service=SERVICE,
                 transient=False,
             )
+        spec, env = pod_grants(spec=spec, env=env)
         wanted = job.gpu_type or billing_conf.runpod_gpu_type()
         spot = job.spot_for_next_launch
         gpu = resolve_gpu_type(wanted)
@@ -363,7 +425,7 @@ class RunPodExecutor:
             "container_disk_in_gb": settings.RUNPOD_CONTAINER_DISK_GB,
             "volume_in_gb": 0 if settings.RUNPOD_NETWORK_VOLUME_ID else settings.RUNPOD_VOLUME_GB,
             "volume_mount_path": settings.RUNPOD_VOLUME_MOUNT_PATH,
-            "env": self.pod_env(spec=spec, env=env, attempt=attempt),
+            "env": self.pod_env(spec=spec, env=env, attempt=attempt),  # grants, not keys
             "network_volume_id": settings.RUNPOD_NETWORK_VOLUME_ID or None,
             "data_center_id": settings.RUNPOD_DATA_CENTER_ID or None,
         }
