@@ -153,6 +153,7 @@ def readyz(base: str) -> str:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="5,10,20,40,80")
     ap.add_argument("--stage-s", type=float, default=8.0)
@@ -250,7 +251,11 @@ def main() -> None:
         show(s)
     finally:
         web.terminate()
-        web.wait(10)
+        try:
+            web.wait(15)
+        except subprocess.TimeoutExpired:  # a worker busy past gunicorn's graceful timeout
+            web.kill()
+            web.wait(5)
         loop.close()
         if redis_proc is not None:
             redis_proc.terminate()
