@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 
+from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from config.addresses import note_served_address
@@ -125,3 +126,86 @@ class MetricsMiddleware:
             seconds=time.perf_counter() - started,
         )
         return response
+
+
+def format_bytes(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
+
+
+class UploadSizeMiddleware:
+    """Refuses a file upload over ``settings.UPLOAD_MAX_BYTES`` from its Content-Length,
+    before Django reads (and spools to disk) a byte of the body: a 413 in the API's envelope
+    under /api/ and /v1/, an error panel for the dashboard's upload forms (htmx swaps it
+    into the form's result area), so nothing is stored and nothing is read.
+
+    Django's own limits do not cover this: DATA_UPLOAD_MAX_MEMORY_SIZE leaves out files, and
+    FILE_UPLOAD_MAX_MEMORY_SIZE only picks memory or a temporary file. A body sent without
+    a Content-Length (chunked) is counted by ``LimitedUploadHandler`` as it arrives.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        from django.conf import settings
+
+        limit = settings.UPLOAD_MAX_BYTES
+        if request.content_type == "multipart/form-data":
+            try:
+                length = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = 0
+            if length > limit:
+                return upload_too_large(request, length, limit)
+        return self.get_response(request)
+
+
+def upload_too_large(request: HttpRequest, size: int | None, limit: int) -> HttpResponse:
+    from django.utils.html import escape
+
+    sent = f"The upload is {format_bytes(size)}; the" if size else "The"
+    message = f"{sent} limit is {format_bytes(limit)} per upload. Nothing was stored."
+    if request.path.startswith(("/api/", "/v1/")):
+        from config.errors import envelope
+
+        body = envelope(
+            code="upload_too_large",
+            message=message,
+            details={"limit_bytes": limit, "size_bytes": size},
+            request_id=getattr(request, "request_id", None),
+        )
+        return JsonResponse(body, status=413)
+    if request.headers.get("HX-Request"):  # the form's result area (htmx swaps a 413 in)
+        html = (
+            '<div class="alert alert-error" role="alert" id="upload-error"><div>'
+            f"<strong>Upload refused.</strong> {escape(message)}</div></div>"
+        )
+        return HttpResponse(html, status=413)
+    from django.shortcuts import render
+
+    return render(request, "413.html", {"message": message}, status=413)
+
+
+class LimitedUploadHandler(FileUploadHandler):
+    """First in FILE_UPLOAD_HANDLERS: stops reading an upload once more than UPLOAD_MAX_BYTES
+    have arrived, for a body whose length was not announced (chunked), so no oversized file
+    is spooled; the form then lacks its file and says so."""
+
+    def __init__(self, request=None):
+        super().__init__(request)
+        self.seen = 0
+
+    def receive_data_chunk(self, raw_data, start):
+        from django.conf import settings
+
+        self.seen += len(raw_data)
+        if self.seen > settings.UPLOAD_MAX_BYTES:
+            raise StopUpload(connection_reset=True)
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
