@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "django_celery_results",
     "django_htmx",
     "template_partials",
+    "axes",  # login throttling (config/auth.py)
     "config.apps.CoreConfig",
     "corpora",
     "jobs",
@@ -80,6 +81,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks
 ]
 
 # --- Uploads: one limit for every file upload (API and dashboard forms), checked from the
@@ -287,6 +289,21 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# --- Login throttling (django-axes): after AXES_FAILURE_LIMIT failed sign-ins, the username and,
+# separately, the address are locked for AXES_COOLOFF_TIME; admins unlock in the admin (Access
+# attempts) or with `manage.py axes_reset`. Failed API token lookups: API_TOKEN_FAILURE_RATE
+# per address (config/auth.py).
+AUTHENTICATION_BACKENDS = [
+    "config.auth.LoginThrottleBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("AXES_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # each on its own
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "config.auth.lockout_response"
+AXES_VERBOSE = False
+API_TOKEN_FAILURE_RATE = env.str("API_TOKEN_FAILURE_RATE", default="20/10m")
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "overview"
 LOGOUT_REDIRECT_URL = "login"
