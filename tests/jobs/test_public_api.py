@@ -399,26 +399,8 @@ def test_openai_sdk_lists_chats_streams_and_embeds(live_server, model_server, se
     sdk = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=token.key, max_retries=0)
     ids = [m.id for m in sdk.models.list().data]
     assert {BASE, EMBED, "crucible-server/smollm2-135m-instruct"} <= set(ids)
-    question = [{"role": "user", "content": "Name a colour."}]
-    for model in (BASE, "crucible-server/smollm2-135m-instruct"):
-        reply = sdk.chat.completions.create(model=model, messages=question, max_tokens=8, seed=1)
-        assert reply.choices[0].message.content
-        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-        assert 1 <= reply.usage.completion_tokens <= 8
-        stream = sdk.chat.completions.create(
-            model=model,
-            messages=question,
-            max_tokens=8,
-            seed=1,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = list(stream)
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert text == reply.choices[0].message.content
-        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     # a LoRA adapter loaded onto the model server appears (parent = base) once the registry
-    # is refreshed, and answers differently from the base for the same seed
+    # is refreshed
     import httpx
 
     from tests.gpu.test_serve import make_adapter
@@ -438,13 +420,31 @@ def test_openai_sdk_lists_chats_streams_and_embeds(live_server, model_server, se
     assert listed["crucible-server/tuned"].model_extra["parent"] == (
         "crucible-server/smollm2-135m-instruct"
     )
-    answers = {
-        model: sdk.chat.completions.create(model=model, messages=question, max_tokens=12, seed=3)
-        .choices[0]
-        .message.content
-        for model in ("crucible-server/smollm2-135m-instruct", "crucible-server/tuned")
-    }
+    question = [{"role": "user", "content": "Name a colour."}]
+    answers = {}
+    for model in (BASE, "crucible-server/smollm2-135m-instruct", "crucible-server/tuned"):
+        reply = sdk.chat.completions.create(model=model, messages=question, max_tokens=12, seed=3)
+        answers[model] = reply.choices[0].message.content
+        assert answers[model]
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+        assert 1 <= reply.usage.completion_tokens <= 12
+        stream = sdk.chat.completions.create(
+            model=model,
+            messages=question,
+            max_tokens=12,
+            seed=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == answers[model]
+        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+        assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+    # the adapter answers differently from its base for the same seed
     assert answers["crucible-server/tuned"] != answers["crucible-server/smollm2-135m-instruct"]
+    # the in-process runtime and the model server run the same base model
+    assert answers[BASE] == answers["crucible-server/smollm2-135m-instruct"]
     vectors = sdk.embeddings.create(model=EMBED, input=["hello world"])
     assert len(vectors.data[0].embedding) == 384
     with pytest.raises(openai.AuthenticationError):
