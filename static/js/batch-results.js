@@ -65,7 +65,11 @@
           maintainAspectRatio: false,
           animation: false,
           scales: {
-            x: { type: "linear", ticks: { stepSize: 1, callback: function (v) { return series.labels[v] || ""; } }, min: -0.5, max: series.labels.length - 0.5 },
+            x: {
+              type: "linear", min: -0.5, max: series.labels.length - 0.5,
+              afterBuildTicks: function (axis) { axis.ticks = series.labels.map(function (_, i) { return { value: i }; }); },
+              ticks: { autoSkip: false, maxRotation: 45, font: { size: 10 }, callback: function (v) { return series.labels[v] || ""; } },
+            },
             y: { title: { display: true, text: "mean (95% t interval)" } },
           },
           plugins: { tooltip: { callbacks: { label: function (c) { var p = c.raw; return c.dataset.label + " · " + p.unit + ": " + p.y + (p.low != null ? " [" + p.low + ", " + p.high + "]" : "") + " n=" + p.n; } } } },

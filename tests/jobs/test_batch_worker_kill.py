@@ -164,7 +164,7 @@ def test_sigkill_mid_job_then_restart_gives_exactly_2000_results(
 
     first = worker()
     done = lambda: job.tasks.filter(status="succeeded").count()  # noqa: E731
-    _wait(lambda: done() >= 500, 600, "500 tasks to finish")
+    _wait(lambda: done() >= 500, 1200, "500 tasks to finish")
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool, as an OOM kill would
     first.wait(timeout=10)
     at_kill = done()
@@ -174,7 +174,7 @@ def test_sigkill_mid_job_then_restart_gives_exactly_2000_results(
     second = worker()
     _wait(
         lambda: BatchJob.objects.get(pk=job.pk).status == "completed",
-        900,
+        2400,  # a shared two-core CI runner managed about 2 tasks/s
         f"the job to complete (recovered {recovered}, {done()} done)",
         interval=1,
     )
