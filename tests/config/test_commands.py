@@ -47,10 +47,24 @@ def test_crucible_user_reports_bad_input():
 def test_demo_setup_is_idempotent_and_the_demo_user_can_sign_in():
     from django.test import Client
 
-    call_command("demo_setup", stdout=StringIO())
+    call_command("demo_setup", "--force", stdout=StringIO())
     first = Token.objects.get(user__username="demo").key
-    call_command("demo_setup", stdout=StringIO())
+    call_command("demo_setup", "--force", stdout=StringIO())
     assert Token.objects.get(user__username="demo").key == first
     client = Client()
     assert client.login(username="demo", password="crucible-demo")
     assert client.get("/").status_code == 200
+
+
+def test_demo_setup_refuses_the_published_admin_on_a_non_sqlite_database(settings, db):
+    from django.contrib.auth import get_user_model
+    from django.core.management.base import CommandError
+
+    settings.DATABASES = {
+        **settings.DATABASES,
+        "default": {**settings.DATABASES["default"], "ENGINE": "django.db.backends.postgresql"},
+    }
+    with pytest.raises(CommandError, match="Refusing to create the demo admin 'demo'") as caught:
+        call_command("demo_setup", stdout=StringIO())
+    assert "postgresql" in str(caught.value) and "--force" in str(caught.value)
+    assert not get_user_model().objects.filter(username="demo").exists()

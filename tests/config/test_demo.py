@@ -48,14 +48,14 @@ def test_public_url_is_the_served_address(host, port, url):
 @pytest.mark.django_db
 def test_demo_setup_loads_the_sample_corpus_once_and_prints_the_real_address():
     out = StringIO()
-    call_command("demo_setup", "--url", "http://127.0.0.1:8765", stdout=out)
+    call_command("demo_setup", "--url", "http://127.0.0.1:8765", "--force", stdout=out)
     text = out.getvalue()
     assert "http://127.0.0.1:8765/api/v1/me" in text and "127.0.0.1:8000" not in text
     corpus = Corpus.objects.get(name="Sample: speeches and declarations")
     assert corpus.record_count == 4 and corpus.status == Corpus.Status.READY
     assert "loaded now" in text
     again = StringIO()
-    call_command("demo_setup", "--url", "http://127.0.0.1:8765", stdout=again)
+    call_command("demo_setup", "--url", "http://127.0.0.1:8765", "--force", stdout=again)
     assert Corpus.objects.filter(name=corpus.name).count() == 1
     assert "already loaded" in again.getvalue()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from rest_framework.authtoken.models import Token
 
 from config.addresses import public_base_url
@@ -57,8 +57,21 @@ class Command(BaseCommand):
             default=None,
             help="The address the dashboard is served on (default: CRUCIBLE_PUBLIC_URL)",
         )
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="Create the demo admin (published password) on a non-SQLite database too",
+        )
 
     def handle(self, *args, url=None, **options):
+        engine = settings.DATABASES["default"]["ENGINE"]
+        if "sqlite" not in engine and not options.get("force"):
+            raise CommandError(
+                f"Refusing to create the demo admin '{DEMO_USERNAME}' with its published "
+                f"password on this database ({engine.rsplit('.', 1)[-1]}, from DATABASE_URL): "
+                "anyone who reads the README could sign in. Use the embedded SQLite demo, or "
+                "pass --force on a throwaway database."
+            )
         # The same base address as every other link the product prints (config/addresses.py).
         url = (url or os.environ.get("CRUCIBLE_PUBLIC_URL") or public_base_url()).rstrip("/")
         user = get_user_model().objects.filter(username=DEMO_USERNAME).first()
