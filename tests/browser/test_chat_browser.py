@@ -241,3 +241,44 @@ def test_chat_error_with_retry_rate_limit_and_sign_in_again(
     link = turn.find_element(By.LINK_TEXT, "sign in again")
     assert "/login/?next=/chat/" in link.get_attribute("href")
     _shoot_turn(browser, "chat-auth-required.png")
+
+
+def test_feedback_page_makes_a_training_file(browser, live_server, kim, stand_in):
+    from decimal import Decimal
+
+    from jobs import serving
+    from jobs.models import ChatResponse, FeedbackTrainingFile
+
+    for i, (rating, tags, corrected) in enumerate(
+        [(5, ["helpful"], ""), (1, ["wrong"], "Keep three months of costs in cash."), (2, [], "")]
+    ):
+        response = ChatResponse.objects.create(
+            source=ChatResponse.Source.PAGE,
+            request_id=f"r{i}",
+            model_key="offline/smollm2-135m-instruct",
+            messages=[{"role": "user", "content": f"Question {i} about saving?"}],
+            answer=f"Answer {i}: save something.",
+            cost=Decimal(0),
+        )
+        serving.feedback_create(
+            response=response, user=kim, rating=rating, tags=tags, corrected_answer=corrected
+        )
+    _sign_in(browser, live_server, "kim", PASSWORD)
+    _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))
+    browser.get(f"{live_server.url}/chat/feedback/")
+    per_model = browser.find_element(By.CSS_SELECTOR, "[data-testid=per-model]").text
+    assert "offline/smollm2-135m-instruct" in per_model and "2.67" in per_model
+    rows = browser.find_elements(By.CSS_SELECTOR, "[data-testid=feedback-rows] tbody tr")
+    checked = [r.find_element(By.NAME, "feedback").is_selected() for r in rows]
+    assert sorted(checked) == [False, True, True]  # the 2/5 uncorrected one teaches nothing
+    _shoot(browser, "chat-feedback.png")
+    browser.find_element(By.CSS_SELECTOR, "button[value=file]").click()
+    _wait(browser).until(
+        ec.text_to_be_present_in_element(
+            (By.CSS_SELECTOR, ".messages"), "Training file v1 made"
+        )
+    )
+    lineage = FeedbackTrainingFile.objects.get()
+    assert lineage.training_file.conversation_count == 2
+    assert "v1" in browser.find_element(By.CSS_SELECTOR, "[data-testid=feedback-files]").text
+    _shoot(browser, "chat-feedback-file.png")
