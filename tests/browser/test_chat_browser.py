@@ -274,9 +274,7 @@ def test_feedback_page_makes_a_training_file(browser, live_server, kim, stand_in
     _shoot(browser, "chat-feedback.png")
     browser.find_element(By.CSS_SELECTOR, "button[value=file]").click()
     _wait(browser).until(
-        ec.text_to_be_present_in_element(
-            (By.CSS_SELECTOR, ".messages"), "Training file v1 made"
-        )
+        ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".messages"), "Training file v1 made")
     )
     lineage = FeedbackTrainingFile.objects.get()
     assert lineage.training_file.conversation_count == 2
