@@ -78,3 +78,39 @@ def role_of(user) -> Role | None:
         return Role.ADMIN
     names = {g.name for g in user.groups.all()}
     return next((r for r in ROLE_ORDER if r.value in names), None)
+
+
+# --- Object-level permissions: the one rule -------------------------------------------------
+# Reading is shared. Changing (edit, start, cancel, retry, delete, append) is for the user who
+# created the object and for admins. Objects the system made (no creator: seeds, `manage.py
+# train`, tests' fixtures) may be changed by anyone whose role allows the action.
+
+OWNER_FIELDS = ("created_by_id", "uploaded_by_id")
+
+
+def owner_id(obj) -> int | None:
+    for field in OWNER_FIELDS:
+        if hasattr(obj, field):
+            return getattr(obj, field)
+    return None
+
+
+def can_change(user, obj) -> bool:
+    if user is None or not user.is_authenticated:
+        return False
+    if role_of(user) is Role.ADMIN:
+        return True
+    owner = owner_id(obj)
+    return owner is None or owner == user.pk
+
+
+def require_change(user, obj, what: str = "this") -> None:
+    """Raise PermissionDenied (403 in the API's envelope; the pages show their 403) unless
+    ``user`` may change ``obj``."""
+    if not can_change(user, obj):
+        from config.errors import PermissionDenied
+
+        raise PermissionDenied(
+            f"Only the user who created {what} or an admin can change it.",
+            details={"owner_id": owner_id(obj)},
+        )

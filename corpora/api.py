@@ -12,6 +12,7 @@ from ninja.responses import Status
 from config.api_routes import ERRORS
 from config.auth import requires
 from config.errors import Conflict, InvalidInput, NotFound
+from config.roles import require_change
 from config.storage import storage_is_s3, storage_open, storage_size, storage_url
 from corpora import exports, filters, schemas, services
 from corpora.models import Chunk, Corpus, CorpusIngestion, Document, Export, TrainingFile
@@ -424,6 +425,7 @@ def corpora_upload_more(
 ):
     _check_size(file)
     corpus = get_corpus(corpus_id)
+    require_change(request.auth, corpus, "this corpus")
     ingestion = services.corpus_upload(
         corpus=corpus,
         upload=file.file,

@@ -14,6 +14,7 @@ from ninja.security import APIKeyHeader
 from config.api_routes import ERRORS
 from config.auth import requires
 from config.errors import InvalidInput, NotFound
+from config.roles import require_change
 from corpora.models import TrainingFile
 from training import downloads, services
 from training.executors import get_executor
@@ -231,6 +232,13 @@ def base_model_and_preset(name: str, key: str | None) -> tuple[BaseModel, Preset
     return base_model, preset
 
 
+def _owned_job(request: HttpRequest, job_id: UUID) -> TrainingJob:
+    """The job, for a change: its creator's or an admin's (config/roles.py)."""
+    job = _job(job_id)
+    require_change(request.auth, job, "this training job")
+    return job
+
+
 def _job(job_id: UUID, *, detail: bool = False) -> TrainingJob:
     queryset = TrainingJob.objects.for_list()
     if detail:
@@ -337,7 +345,7 @@ def jobs_get(request: HttpRequest, job_id: UUID):
     "/training/jobs/{job_id}", response={200: JobOut, **ERRORS}, auth=requires("run_jobs")
 )
 def jobs_update(request: HttpRequest, job_id: UUID, payload: JobPatch):
-    job = _job(job_id)
+    job = _owned_job(request, job_id)
     changes = payload.dict(exclude_unset=True)
     if "tags" in changes:
         changes["tags"] = sorted({t.strip().lower() for t in changes["tags"] if t.strip()})
@@ -349,7 +357,7 @@ def jobs_update(request: HttpRequest, job_id: UUID, payload: JobPatch):
 
 @router.delete("/training/jobs/{job_id}", response={204: None, **ERRORS}, auth=requires("run_jobs"))
 def jobs_delete(request: HttpRequest, job_id: UUID):
-    services.training_job_delete(job=_job(job_id), user=request.auth)
+    services.training_job_delete(job=_owned_job(request, job_id), user=request.auth)
     return Status(204, None)
 
 
@@ -359,7 +367,7 @@ def jobs_delete(request: HttpRequest, job_id: UUID):
 def jobs_start(request: HttpRequest, job_id: UUID, override_reason: str = ""):
     """Start a pending job. ``override_reason`` (admins) starts it over the budget."""
     services.training_job_start(
-        job=_job(job_id), user=request.auth, override_reason=override_reason[:500]
+        job=_owned_job(request, job_id), user=request.auth, override_reason=override_reason[:500]
     )
     return _job(job_id, detail=True)
 
@@ -368,7 +376,7 @@ def jobs_start(request: HttpRequest, job_id: UUID, override_reason: str = ""):
     "/training/jobs/{job_id}/cancel", response={200: JobOut, **ERRORS}, auth=requires("run_jobs")
 )
 def jobs_cancel(request: HttpRequest, job_id: UUID):
-    services.training_job_cancel(job=_job(job_id), user=request.auth)
+    services.training_job_cancel(job=_owned_job(request, job_id), user=request.auth)
     return _job(job_id, detail=True)
 
 
@@ -376,7 +384,7 @@ def jobs_cancel(request: HttpRequest, job_id: UUID):
     "/training/jobs/{job_id}/retry", response={201: JobOut, **ERRORS}, auth=requires("run_jobs")
 )
 def jobs_retry(request: HttpRequest, job_id: UUID):
-    retry = services.training_job_retry(job=_job(job_id), user=request.auth)
+    retry = services.training_job_retry(job=_owned_job(request, job_id), user=request.auth)
     return Status(201, _job(retry.pk, detail=True))
 
 
@@ -389,7 +397,9 @@ def jobs_switch_to_on_demand(request: HttpRequest, job_id: UUID):
     """Run a RunPod spot job on on-demand instances: at once when it waits for spot capacity,
     from its next relaunch when it runs; a job that failed for lack of spot capacity starts
     again as a new on-demand job, which is returned (its ``retry_of_id`` is this job)."""
-    job = services.training_job_switch_to_on_demand(job=_job(job_id), user=request.auth)
+    job = services.training_job_switch_to_on_demand(
+        job=_owned_job(request, job_id), user=request.auth
+    )
     return _job(job.pk, detail=True)
 
 

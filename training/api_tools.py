@@ -13,6 +13,7 @@ from ninja.responses import Status
 from config.api_routes import ERRORS
 from config.auth import requires
 from config.errors import InvalidInput, NotFound
+from config.roles import require_change
 from corpora.models import TrainingFile
 from training import services
 from training.api import JobOut, base_model_and_preset
@@ -216,6 +217,7 @@ def templates_get(request: HttpRequest, template_id: int):
 )
 def templates_update(request: HttpRequest, template_id: int, payload: TemplatePatch):
     template = _template(template_id)
+    require_change(request.auth, template, "this template")
     changes = payload.dict(exclude_unset=True)
     if "training_file_id" in changes:
         changes["training_file"] = _training_file(changes.pop("training_file_id"))
@@ -229,7 +231,9 @@ def templates_update(request: HttpRequest, template_id: int, payload: TemplatePa
     auth=requires("run_jobs"),
 )
 def templates_delete(request: HttpRequest, template_id: int):
-    services.job_template_delete(template=_template(template_id), user=request.auth)
+    template = _template(template_id)
+    require_change(request.auth, template, "this template")
+    services.job_template_delete(template=template, user=request.auth)
     return Status(204, None)
 
 

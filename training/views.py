@@ -28,6 +28,7 @@ from django.views.decorators.http import require_POST
 
 from billing import services as billing_services
 from config.errors import CrucibleError
+from config.roles import can_change
 from config.storage import storage_open
 from config.views import dashboard_view
 from corpora.models import TrainingFile
@@ -784,6 +785,8 @@ def annotate(request: HttpRequest, job_id) -> HttpResponse:
     job = TrainingJob.objects.filter(pk=job_id).first()
     if job is None:
         raise Http404("No such training job.")
+    if not can_change(request.user, job):
+        return render(request, "403.html", {"action": "edit other people's jobs"}, status=403)
     form = AnnotateForm(request.POST)
     if form.is_valid():
         job.notes = form.cleaned_data["notes"]
