@@ -708,6 +708,7 @@ def _detail_page(
     context = {
         "section": "training",
         "can_run": can_run,
+        "can_change": can_run and can_change(request.user, job),  # config/roles.py
         "api": api,
         "timeline": _timeline(job, now),
         **_live_context(job, now),
@@ -795,6 +796,7 @@ def annotate(request: HttpRequest, job_id) -> HttpResponse:
     context = {
         "job": job,
         "can_run": True,
+        "can_change": True,
         "annotate_url": reverse("training:annotate", args=[job.pk]),
         "tags_text": request.POST.get("tags", "") if form.errors else ", ".join(job.tags),
         "annotate_errors": [e for errors in form.errors.values() for e in errors],

@@ -140,3 +140,16 @@ def test_the_rule_in_one_place(job, owner):
     TrainingJob.objects.filter(pk=job.pk).update(created_by=None)
     job.refresh_from_db()
     assert can_change(UserFactory(role=Role.ENGINEER), job)  # system-made: shared
+
+
+def test_the_job_page_offers_actions_and_the_notes_form_to_the_creator_only(job, owner):
+    url = reverse("training:detail", args=[job.pk])
+    mine = Client()
+    mine.force_login(owner)
+    theirs = Client()
+    theirs.force_login(UserFactory(role=Role.ENGINEER))
+    own_page = mine.get(url).content.decode()
+    other_page = theirs.get(url).content.decode()
+    annotate = reverse("training:annotate", args=[job.pk])
+    assert f'action="{annotate}"' in own_page
+    assert f'action="{annotate}"' not in other_page and "No notes." in other_page
