@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from axes.models import AccessAttempt
-from django.core.cache import cache
 from django.core.management import call_command
 from django.test import Client
 
@@ -19,9 +20,9 @@ def limits(settings):
     settings.AXES_FAILURE_LIMIT = 3
     settings.API_TOKEN_FAILURE_RATE = "4/10m"
     settings.RATELIMIT_ENABLE = True
-    cache.clear()
-    yield
-    cache.clear()
+    # Axes' attempts live in the database (rolled back per test); the token-failure counters
+    # live in the shared cache (Redis in production mode, never flushed here): each run
+    # uses its own addresses.
 
 
 def _login(client: Client, username: str, password: str, address: str = "10.0.0.1"):
@@ -81,16 +82,17 @@ def test_admin_unlock_with_axes_reset_and_in_the_admin():
 
 def test_failed_api_tokens_are_counted_per_address_then_429_in_the_envelope():
     client = Client()
+    net = f"10.{random.randint(2, 250)}.{random.randint(0, 250)}"
     for _ in range(4):
         response = client.get(
-            "/api/v1/training/jobs", headers={"Authorization": "Token nope"}, REMOTE_ADDR="10.1.1.1"
+            "/api/v1/training/jobs", headers={"Authorization": "Token nope"}, REMOTE_ADDR=f"{net}.1"
         )
         assert response.status_code == 401
     good = TokenFactory(user=UserFactory(role=Role.ENGINEER))
     blocked = client.get(
         "/api/v1/training/jobs",
         headers={"Authorization": f"Token {good.key}"},
-        REMOTE_ADDR="10.1.1.1",
+        REMOTE_ADDR=f"{net}.1",
     )
     assert blocked.status_code == 429
     error = blocked.json()["error"]
@@ -101,6 +103,6 @@ def test_failed_api_tokens_are_counted_per_address_then_429_in_the_envelope():
     ok = client.get(
         "/api/v1/training/jobs",
         headers={"Authorization": f"Token {good.key}"},
-        REMOTE_ADDR="10.1.1.2",
+        REMOTE_ADDR=f"{net}.2",
     )
     assert ok.status_code == 200
