@@ -26,9 +26,9 @@ def _incoming_request_id(request: HttpRequest) -> str:
 
 
 def _api_envelope_for(request: HttpRequest, response: HttpResponse) -> HttpResponse:
-    """Safety net: an error answered under /api/ by Django itself (405, CSRF, 413...)
-    leaves in the API's envelope like every other error."""
-    if response.status_code < 400 or not request.path.startswith("/api/"):
+    """Safety net: an error answered under /api/ or /v1/ by Django itself (405, CSRF,
+    413...) leaves in the API's envelope like every other error."""
+    if response.status_code < 400 or not request.path.startswith(("/api/", "/v1/")):
         return response
     if response.get("Content-Type", "").startswith("application/json"):
         return response

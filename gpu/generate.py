@@ -18,6 +18,7 @@ import importlib.util
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,112 @@ def generate(
         if stop and stop in text:
             text, finish = text[: text.index(stop)], "stop"
     return Generation(text.strip(), prompt_len, count, finish, seconds)
+
+
+@dataclass
+class StreamPiece:
+    """One piece of a streamed answer; the last one (``done``) carries the counts."""
+
+    text: str
+    done: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    seconds: float = 0.0
+
+
+def generate_stream(
+    loaded: LoadedLM, messages: list[dict], decoding: Decoding, *, use_adapter: bool = True
+) -> Iterator[StreamPiece]:
+    """``generate`` as a stream: text pieces as the model produces them (transformers'
+    TextIteratorStreamer, generation in a thread), then a final piece with the token counts.
+    Closing the iterator early (the reader went away) stops the generation at the next token.
+    Text matches ``generate``'s: leading/trailing whitespace dropped, cut at a stop string."""
+    import contextlib
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    tokenizer = loaded.tokenizer
+    inputs = chat_prompt_ids(tokenizer, messages)
+    inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+    prompt_len = int(inputs["input_ids"].shape[1])
+    cancel = threading.Event()
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return cancel.is_set()
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        adapter_off = (
+            loaded.model.disable_adapter()
+            if loaded.has_adapter and not use_adapter
+            else contextlib.nullcontext()
+        )
+        try:
+            with loaded.lock, adapter_off, torch.inference_mode():
+                torch.manual_seed(decoding.seed)
+                output = loaded.model.generate(
+                    **inputs,
+                    **decoding.generate_kwargs(),
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                )
+            outcome["completion_tokens"] = int(output.shape[1]) - prompt_len
+        except BaseException as exc:  # handed to the reader below
+            outcome["error"] = exc
+            streamer.end()
+
+    started = time.perf_counter()
+    thread = threading.Thread(target=work, name="generate-stream", daemon=True)
+    thread.start()
+    sent = ""  # text handed out so far
+    held = ""  # trailing whitespace, handed out only when more text follows
+    finish = ""
+    try:
+        for piece in streamer:
+            text = (held + piece) if sent else (held + piece).lstrip()
+            full = sent + text
+            cut = next((s for s in decoding.stop if s and s in full), None)
+            if cut is not None:
+                text = full[: full.index(cut)][len(sent) :].rstrip()
+                finish = "stop"
+                if text:
+                    sent += text
+                    yield StreamPiece(text)
+                cancel.set()
+                break
+            body = text.rstrip()
+            held = text[len(body) :]
+            if body:
+                sent += body
+                yield StreamPiece(body)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        count = int(outcome.get("completion_tokens", 0))
+        if not finish:
+            finish = "length" if count >= decoding.max_new_tokens else "stop"
+        yield StreamPiece(
+            "",
+            done=True,
+            prompt_tokens=prompt_len,
+            completion_tokens=count,
+            finish_reason=finish,
+            seconds=time.perf_counter() - started,
+        )
+    finally:
+        cancel.set()
+        if thread.is_alive():
+            # Drain so the generating thread never blocks on a full queue, then wait for it.
+            for _ in streamer:
+                pass
+            thread.join()
 
 
 # --- Embeddings ---------------------------------------------------------------------------------

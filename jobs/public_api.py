@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from typing import Any
+from decimal import Decimal
 
 import orjson
 from django.http import HttpRequest, StreamingHttpResponse
@@ -193,52 +193,114 @@ def _user(request: HttpRequest):
     return request.auth if hasattr(request, "auth") else request.user
 
 
-def _sse(chunks) -> StreamingHttpResponse:
+def _event(data: dict) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _completion_stream(
+    *, user, payload: ChatCompletionIn, controls: serving.Controls, request_id: str
+) -> StreamingHttpResponse:
+    """A true stream: chunks leave as the gateway's provider produces them
+    (``gateway.chat_stream``: the same cache, budget, rate limits and ledger as the whole
+    answer). Refusals before the first chunk are the usual error envelope; an error after it
+    ends the stream with a ``data: {"error": {...}}`` event (the openai SDK raises it). The
+    finish chunk carries Crucible's metadata (``crucible``: response id, cost, cache, output
+    flags), sent once the answer is complete and recorded as a ChatResponse. A stream is not
+    regenerated on flags: its text has already gone out."""
+    from jobs import gateway
+
+    messages = _plain(payload.messages)
+    registered = serving.model_resolve(payload.model)
+    if not registered.has_capability("chat"):
+        raise InvalidInput(f"{registered.key} is not a chat model.")
+    profile = _profile(payload.profile, default=None)
+    if profile is not None:
+        controls.validate(profile)
+    body = serving.profile_request(profile, messages, controls)
+    if registered.provider.kind != "offline" and "repetition_penalty" in body:
+        body["extra_body"] = {"repetition_penalty": body.pop("repetition_penalty")}
+    json_wanted = controls.json_output
+    json_expected = bool(profile and profile.json_output if json_wanted is None else json_wanted)
+    include_usage = bool((payload.stream_options or {}).get("include_usage"))
+    try:
+        stream = gateway.chat_stream(
+            model=registered.key,
+            request=body,
+            caller=gateway.Caller(user=user, feature="chat"),
+            interactive=True,
+        )
+    except gateway.GatewayError as exc:
+        raise serving._unavailable(exc, registered.key) from None
+
     def events():
-        for chunk in chunks:
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        text: list[str] = []
+        finish_chunk = None
+        usage_chunk = None
+        try:
+            for chunk in stream:
+                if "error" in chunk:
+                    yield _event(chunk)
+                    return
+                chunk = {**chunk, "model": registered.key}
+                if chunk.get("usage") and not chunk.get("choices"):
+                    usage_chunk = chunk
+                    continue
+                choice = (chunk.get("choices") or [{}])[0]
+                text.append((choice.get("delta") or {}).get("content") or "")
+                if choice.get("finish_reason"):
+                    finish_chunk = chunk  # sent with the metadata once the answer is complete
+                    continue
+                yield _event(chunk)
+        finally:
+            stream.close()  # the reader went away: the gateway settles the call
+        meta = stream.meta
+        finish = ((finish_chunk or {}).get("choices") or [{}])[0].get("finish_reason") or "stop"
+        answer = "".join(text)
+        response = ChatResponse.objects.create(
+            user=user if getattr(user, "is_authenticated", False) else None,
+            source=ChatResponse.Source.COMPLETIONS,
+            request_id=(request_id or meta.request_id)[:64],
+            model_key=registered.key,
+            profile=profile,
+            messages=body["messages"],
+            controls={
+                **{k: v for k, v in body.items() if k not in ("messages", "extra_body")},
+                **body.get("extra_body", {}),
+            },
+            answer=answer,
+            finish_reason=finish,
+            prompt_tokens=meta.prompt_tokens,
+            completion_tokens=meta.completion_tokens,
+            cost=meta.cost.quantize(Decimal("0.000001")),
+            latency_ms=round(meta.latency_ms, 1),
+            cached=meta.cached,
+            flags=serving.answer_flags(
+                text=answer,
+                finish_reason=finish,
+                completion_tokens=meta.completion_tokens,
+                max_tokens=body.get("max_tokens"),
+                target_words=profile.target_words if profile else None,
+                json_expected=json_expected,
+            ),
+            regenerated=False,
+            ledger_id=meta.ledger_id,
+        )
+        base = finish_chunk or {
+            "id": f"chatcmpl-{response.pk}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": registered.key,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+        }
+        yield _event({**base, "crucible": serving.chat_response_meta(response)})
+        if include_usage and usage_chunk is not None:
+            yield _event(usage_chunk)
         yield b"data: [DONE]\n\n"
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
-
-
-def _pieces(text: str) -> list[str]:
-    """The answer in word-sized pieces (whitespace kept), as a token stream arrives."""
-    import re
-
-    return re.findall(r"\s*\S+|\s+$", text) or [""]
-
-
-def completion_chunks(answer: serving.Answer, *, include_usage: bool) -> list[dict]:
-    body = answer.body
-    base = {
-        "id": body.get("id") or f"chatcmpl-{answer.response.pk}",
-        "object": "chat.completion.chunk",
-        "created": body.get("created") or int(time.time()),
-        "model": body["model"],
-    }
-    choice = (body.get("choices") or [{}])[0]
-    text = (choice.get("message") or {}).get("content") or ""
-    chunks: list[dict[str, Any]] = [
-        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-    ]
-    chunks += [
-        {**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
-        for p in _pieces(text)
-    ]
-    chunks.append(
-        {
-            **base,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason")}],
-            "crucible": body.get("crucible"),
-        }
-    )
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": body.get("usage")})
-    return chunks
 
 
 # --- Routes ---------------------------------------------------------------------------------------
@@ -297,6 +359,13 @@ def chat_completions(request: HttpRequest, payload: ChatCompletionIn):
         stop=[payload.stop] if isinstance(payload.stop, str) else list(payload.stop or []),
         json_output=True if json_wanted else None,
     )
+    if payload.stream:
+        return _completion_stream(
+            user=_user(request),
+            payload=payload,
+            controls=controls,
+            request_id=getattr(request, "request_id", ""),
+        )
     answer = serving.chat_respond(
         user=_user(request),
         model=payload.model,
@@ -306,9 +375,6 @@ def chat_completions(request: HttpRequest, payload: ChatCompletionIn):
         source=ChatResponse.Source.COMPLETIONS,
         request_id=getattr(request, "request_id", ""),
     )
-    if payload.stream:
-        include = bool((payload.stream_options or {}).get("include_usage"))
-        return _sse(completion_chunks(answer, include_usage=include))
     return answer.body
 
 

@@ -7,6 +7,9 @@
                           caller=gateway.Caller(user=user, feature="judge", subject=run))
     result.response, result.text, result.meta
 
+    for chunk in gateway.chat_stream(model=..., request=..., caller=...):  # streamed
+        ...  # OpenAI chat.completion.chunk dicts; the last carries usage
+
 Providers (jobs/gateway/providers.py), retries with backoff and full jitter honouring
 Retry-After, a circuit breaker per provider (breaker.py), shared rate limits (ratelimit.py),
 an exact-match cache (cache.py), budget reservations and the LlmCall ledger (billing).
@@ -16,9 +19,11 @@ from jobs.gateway.breaker import breaker_reset, breaker_state
 from jobs.gateway.client import (
     Caller,
     CallMeta,
+    ChatStream,
     Result,
     call_cost,
     chat,
+    chat_stream,
     embed,
     models,
     reset_caches,
@@ -51,6 +56,7 @@ __all__ = [
     "BudgetExceeded",
     "CallMeta",
     "Caller",
+    "ChatStream",
     "CircuitOpen",
     "DeadlineExceeded",
     "GatewayError",
@@ -66,6 +72,7 @@ __all__ = [
     "breaker_states",
     "call_cost",
     "chat",
+    "chat_stream",
     "embed",
     "models",
     "provider_for",

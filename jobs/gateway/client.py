@@ -3,10 +3,12 @@ retries, ledger. ``chat`` and ``embed`` are re-exported by ``jobs.gateway``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -35,7 +37,7 @@ from jobs.gateway.errors import (
 from jobs.gateway.providers import (
     BaseProvider,
     ProviderCallError,
-    ProviderResponse,
+    completion_as_chunks,
     estimate_prompt_tokens,
     estimate_tokens,
     provider_for,
@@ -234,7 +236,9 @@ def _with_retries(
     deadline_at: float,
     breaker: Breaker,
     meta: CallMeta,
-) -> ProviderResponse:
+) -> Any:
+    """The provider's answer (a ProviderResponse; for ``chat_stream`` the first chunk and the
+    iterator of the rest), retried on transient errors within the deadline."""
     attempts = max(1, int(conf["retry_attempts"]))
     per_request = float(model.provider.timeout_s or conf["timeout_s"])
     secrets = adapter.secrets()
@@ -260,6 +264,22 @@ def _with_retries(
                 out = adapter.chat(
                     model, payload, timeout=min(per_request, remaining), request_id=meta.request_id
                 )
+            elif operation == "chat_stream":
+                # Retried until the first chunk arrives; (first chunk, the rest) after that.
+                stream = adapter.chat_stream(
+                    model, payload, timeout=min(per_request, remaining), request_id=meta.request_id
+                )
+                try:
+                    out = (next(stream), stream)
+                except StopIteration:
+                    raise ProviderCallError(
+                        f"{model.provider.slug} ended the stream before its first chunk",
+                        transient=True,
+                        reason="empty_stream",
+                    ) from None
+                except BaseException:
+                    stream.close()
+                    raise
             else:
                 out = adapter.embed(
                     model, payload, timeout=min(per_request, remaining), request_id=meta.request_id
@@ -389,6 +409,161 @@ def _rate_limit(
 # --- The calls ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Call:
+    """One call's state between its pre-call and post-call steps (shared by ``chat``,
+    ``chat_stream`` and ``embed``)."""
+
+    operation: str
+    caller: Caller
+    meta: CallMeta
+    started: float
+    model: RegisteredModel | None = None
+    conf: dict = field(default_factory=dict)
+    deadline_at: float = 0.0
+    hit: dict | None = None  # the cached answer, when the cache had one
+    adapter: BaseProvider | None = None
+    breaker: Breaker | None = None
+    prompt_est: int = 0
+    reservation: Any = None
+    outcome: str = "ok"
+
+
+def _begin(
+    *,
+    operation: str,
+    model_key: str,
+    caller: Caller | None,
+    cache: str,
+    deadline_s: float | None,
+) -> _Call:
+    if cache not in response_cache.MODES:
+        raise InvalidRequest(f"cache must be one of {', '.join(response_cache.MODES)}.")
+    request_id = current_request_id() or uuid.uuid4().hex
+    return _Call(
+        operation=operation,
+        caller=caller or Caller(),
+        meta=CallMeta(provider="", model=model_key, request_id=request_id),
+        started=time.perf_counter(),
+    )
+
+
+def _before(
+    state: _Call,
+    *,
+    body: dict,
+    payload: Any,
+    interactive: bool,
+    cache: str,
+    run_index: int | None,
+    deadline_s: float | None,
+    max_tokens: int,
+) -> None:
+    """The pre-call steps: resolve the model, look in the cache (``state.hit``), then the
+    breaker, the rate limits and the budget reservation."""
+    meta, operation = state.meta, state.operation
+    model = _resolve(meta.model, "chat" if operation == "chat" else "embeddings")
+    state.model = model
+    meta.provider = model.provider.slug
+    conf = state.conf = settings_effective()
+    state.deadline_at = clock() + float(
+        deadline_s if deadline_s is not None else conf["deadline_s"]
+    )
+    key = response_cache.cache_key(
+        provider=model.provider.slug,
+        remote_id=model.remote_id,
+        revision=model.revision,
+        operation=operation,
+        body=body,
+        run_index=run_index,
+    )
+    meta.cache_key = key
+    if cache == "default":
+        hit = response_cache.lookup(key)
+        if hit is not None:
+            meta.cached = True
+            meta.prompt_tokens = hit["prompt_tokens"]
+            meta.completion_tokens = hit["completion_tokens"]
+            state.hit = hit
+            return
+
+    adapter = state.adapter = provider_for(model.provider)
+    if operation == "chat":
+        # The provider's count (the exact tokenizer offline) where the price makes it
+        # matter; the byte heuristic otherwise (it also feeds the token rate limits).
+        paid = model.is_priced and (model.price_input_per_m or model.price_output_per_m)
+        prompt_est = adapter.prompt_tokens(model, body) if paid else estimate_prompt_tokens(body)
+    else:
+        prompt_est = sum(estimate_tokens(text) for text in payload)
+    state.prompt_est = prompt_est
+    worst = call_cost(model, prompt_est, max_tokens)
+
+    breaker = state.breaker = Breaker(
+        model.provider.slug,
+        threshold=int(conf["breaker_failure_threshold"]),
+        reset_s=float(conf["breaker_reset_s"]),
+    )
+    wait = breaker.before_call()
+    if wait is not None:
+        raise CircuitOpen(
+            f"Provider '{model.provider.slug}' is failing; calls to it are paused for {wait:.1f}s.",
+            retry_after=wait,
+            transient=True,
+            details={"provider": model.provider.slug},
+        )
+    _rate_limit(
+        model,
+        tokens=prompt_est + max_tokens,
+        interactive=interactive,
+        deadline_at=state.deadline_at,
+        meta=meta,
+    )
+    if worst > 0:
+        try:
+            state.reservation = billing.llm_budget_reserve(
+                amount=worst,
+                model=model.key,
+                feature=state.caller.feature,
+                request_id=meta.request_id,
+                ttl_s=max(60.0, state.deadline_at - clock() + 60.0),
+            )
+        except billing.BudgetExceeded as exc:
+            raise BudgetExceeded(exc.message, details=exc.details) from None
+
+
+def _after(
+    state: _Call, *, body: dict, prompt_tokens: int, completion_tokens: int, cache: str
+) -> str:
+    """The post-call steps of a completed call: its tokens and cost, and the answer stored
+    in the cache (unless ``no-store``). Returns the stored JSON."""
+    meta, model = state.meta, state.model
+    meta.prompt_tokens, meta.completion_tokens = prompt_tokens, completion_tokens
+    meta.cost = call_cost(model, prompt_tokens, completion_tokens)
+    raw = orjson.dumps(body).decode()
+    if cache != "no-store":
+        response_cache.store(
+            meta.cache_key,
+            raw=raw,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttl_s=int(state.conf["cache_ttl_s"]),
+        )
+    return raw
+
+
+def _failed(state: _Call, exc: BaseException) -> None:
+    state.outcome = (
+        f"error:{exc.code}" if isinstance(exc, GatewayError) else f"error:{type(exc).__name__}"
+    )
+
+
+def _end(state: _Call) -> None:
+    """The ledger row (and the reservation settled in it), whatever the outcome."""
+    state.meta.latency_ms = (time.perf_counter() - state.started) * 1000
+    if state.meta.provider:  # a model that does not resolve is a bad input: nothing recorded
+        _record(state.meta, state.caller, state.operation, state.outcome, state.reservation)
+
+
 def _call(
     *,
     operation: str,
@@ -402,112 +577,45 @@ def _call(
     deadline_s: float | None,
     max_tokens: int,
 ) -> Result:
-    started = time.perf_counter()
-    caller = caller or Caller()
-    if cache not in response_cache.MODES:
-        raise InvalidRequest(f"cache must be one of {', '.join(response_cache.MODES)}.")
-    request_id = current_request_id() or uuid.uuid4().hex
-    meta = CallMeta(provider="", model=model_key, request_id=request_id)
-    reservation = None
-    outcome = "ok"
+    state = _begin(
+        operation=operation, model_key=model_key, caller=caller, cache=cache, deadline_s=deadline_s
+    )
     try:
-        model = _resolve(model_key, "chat" if operation == "chat" else "embeddings")
-        meta.provider = model.provider.slug
-        conf = settings_effective()
-        deadline_at = clock() + float(deadline_s if deadline_s is not None else conf["deadline_s"])
-        key = response_cache.cache_key(
-            provider=model.provider.slug,
-            remote_id=model.remote_id,
-            revision=model.revision,
-            operation=operation,
+        _before(
+            state,
             body=body,
-            run_index=run_index,
-        )
-        meta.cache_key = key
-        if cache == "default":
-            hit = response_cache.lookup(key)
-            if hit is not None:
-                meta.cached = True
-                meta.prompt_tokens = hit["prompt_tokens"]
-                meta.completion_tokens = hit["completion_tokens"]
-                return Result(orjson.loads(hit["raw"]), meta, hit["raw"])
-
-        adapter = provider_for(model.provider)
-        if operation == "chat":
-            # The provider's count (the exact tokenizer offline) where the price makes it
-            # matter; the byte heuristic otherwise (it also feeds the token rate limits).
-            paid = model.is_priced and (model.price_input_per_m or model.price_output_per_m)
-            prompt_est = (
-                adapter.prompt_tokens(model, body) if paid else estimate_prompt_tokens(body)
-            )
-        else:
-            prompt_est = sum(estimate_tokens(text) for text in payload)
-        worst = call_cost(model, prompt_est, max_tokens)
-
-        breaker = Breaker(
-            model.provider.slug,
-            threshold=int(conf["breaker_failure_threshold"]),
-            reset_s=float(conf["breaker_reset_s"]),
-        )
-        wait = breaker.before_call()
-        if wait is not None:
-            raise CircuitOpen(
-                f"Provider '{model.provider.slug}' is failing; calls to it are paused for "
-                f"{wait:.1f}s.",
-                retry_after=wait,
-                transient=True,
-                details={"provider": model.provider.slug},
-            )
-        _rate_limit(
-            model,
-            tokens=prompt_est + max_tokens,
+            payload=payload,
             interactive=interactive,
-            deadline_at=deadline_at,
-            meta=meta,
+            cache=cache,
+            run_index=run_index,
+            deadline_s=deadline_s,
+            max_tokens=max_tokens,
         )
-        if worst > 0:
-            try:
-                reservation = billing.llm_budget_reserve(
-                    amount=worst,
-                    model=model.key,
-                    feature=caller.feature,
-                    request_id=request_id,
-                    ttl_s=max(60.0, deadline_at - clock() + 60.0),
-                )
-            except billing.BudgetExceeded as exc:
-                raise BudgetExceeded(exc.message, details=exc.details) from None
+        if state.hit is not None:
+            return Result(orjson.loads(state.hit["raw"]), state.meta, state.hit["raw"])
         out = _with_retries(
-            adapter=adapter,
-            model=model,
+            adapter=state.adapter,
+            model=state.model,
             operation=operation,
             payload=payload,
-            conf=conf,
-            deadline_at=deadline_at,
-            breaker=breaker,
-            meta=meta,
+            conf=state.conf,
+            deadline_at=state.deadline_at,
+            breaker=state.breaker,
+            meta=state.meta,
         )
-        meta.prompt_tokens, meta.completion_tokens = out.prompt_tokens, out.completion_tokens
-        meta.cost = call_cost(model, out.prompt_tokens, out.completion_tokens)
-        raw = orjson.dumps(out.body).decode()
-        if cache != "no-store":
-            response_cache.store(
-                key,
-                raw=raw,
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                ttl_s=int(conf["cache_ttl_s"]),
-            )
-        return Result(out.body, meta, raw)
-    except GatewayError as exc:
-        outcome = f"error:{exc.code}"
-        raise
-    except Exception as exc:
-        outcome = f"error:{type(exc).__name__}"
+        raw = _after(
+            state,
+            body=out.body,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            cache=cache,
+        )
+        return Result(out.body, state.meta, raw)
+    except BaseException as exc:
+        _failed(state, exc)
         raise
     finally:
-        meta.latency_ms = (time.perf_counter() - started) * 1000
-        if meta.provider:  # a model that does not resolve is a bad input: nothing recorded
-            _record(meta, caller, operation, outcome, reservation)
+        _end(state)
 
 
 def _record(meta: CallMeta, caller: Caller, operation: str, outcome: str, reservation) -> None:
@@ -621,3 +729,217 @@ def embed(
         deadline_s=deadline_s,
         max_tokens=0,
     )
+
+
+class ChatStream:
+    """The chunks of ``chat_stream`` (an iterator of ``chat.completion.chunk`` dicts).
+    ``close()`` (or dropping it) ends the call early: the provider's stream closes, the ledger
+    row is written and the reservation settles."""
+
+    def __init__(self, chunks: Iterator[dict | None], meta: CallMeta):
+        self._chunks = chunks
+        self.meta = meta
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit: nothing left to do
+            self._chunks.close()
+
+
+def _error_event(exc: GatewayError, request_id: str) -> dict:
+    return {
+        "error": {
+            "code": exc.code,
+            "message": exc.message,
+            "details": exc.details or {},
+            "request_id": request_id,
+        }
+    }
+
+
+def _stream(
+    state: _Call,
+    *,
+    body: dict,
+    interactive: bool,
+    cache: str,
+    run_index: int | None,
+    deadline_s: float | None,
+    max_tokens: int,
+    include_usage: bool,
+) -> Iterator[dict | None]:
+    """The generator behind ``chat_stream``: everything up to the provider's first chunk runs
+    on the first ``next()`` (which yields None), so refusals and failures before the stream
+    starts raise to the caller; the try/finally settles the call however it ends (completed,
+    a provider error mid-stream, or GeneratorExit when the reader goes away)."""
+    meta = state.meta
+    stream = None
+    finished = False
+    text: list[str] = []
+    try:
+        _before(
+            state,
+            body=body,
+            payload=body,
+            interactive=interactive,
+            cache=cache,
+            run_index=run_index,
+            deadline_s=deadline_s,
+            max_tokens=max_tokens,
+        )
+        if state.hit is not None:
+            yield None
+            for chunk in completion_as_chunks(orjson.loads(state.hit["raw"])):
+                if include_usage or "usage" not in chunk:
+                    yield chunk
+            finished = True
+            return
+        first, stream = _with_retries(
+            adapter=state.adapter,
+            model=state.model,
+            operation="chat_stream",
+            payload=body,
+            conf=state.conf,
+            deadline_at=state.deadline_at,
+            breaker=state.breaker,
+            meta=meta,
+        )
+        yield None
+        ident, created = first.get("id"), first.get("created") or int(time.time())
+        remote = first.get("model") or state.model.remote_id
+        finish = None
+        usage = None
+        chunk = first
+        try:
+            while True:
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        text.append(delta["content"])
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                if chunk.get("choices") or not chunk.get("usage"):
+                    yield (
+                        chunk if include_usage else {k: v for k, v in chunk.items() if k != "usage"}
+                    )
+                chunk = next(stream)
+        except StopIteration:
+            pass
+        except ProviderCallError as exc:
+            # After the first chunk nothing is retried: the stream ends with an error event.
+            if exc.transient and state.breaker.failure():
+                logger.warning("gateway breaker of provider %s opened", meta.provider)
+            reason = _scrub(exc.message, state.adapter.secrets())
+            error = ProviderError(
+                f"{state.model.key} broke off mid-answer: {reason}",
+                code="stream_interrupted",
+                transient=True,
+                details={"provider": meta.provider},
+            )
+            state.outcome = f"error:{error.code}"
+            yield _error_event(error, meta.request_id)
+            return
+        answer = "".join(text)
+        if usage and usage.get("prompt_tokens") is not None:
+            prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"] or 0)
+        else:
+            prompt, completion = state.prompt_est, estimate_tokens(answer)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        whole = {
+            "id": ident or f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": created,
+            "model": remote,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "finish_reason": finish or "stop",
+                }
+            ],
+            "usage": usage,
+        }
+        _after(state, body=whole, prompt_tokens=prompt, completion_tokens=completion, cache=cache)
+        finished = True
+        if include_usage:
+            yield {
+                "id": whole["id"],
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": remote,
+                "choices": [],
+                "usage": usage,
+            }
+    except GeneratorExit:
+        if not finished:
+            state.outcome = "error:client_closed"
+        raise
+    except BaseException as exc:
+        _failed(state, exc)
+        raise
+    finally:
+        if stream is not None:
+            stream.close()
+        if not finished and state.model is not None and not meta.cached:
+            # Ended early: charge what the provider produced before it stopped.
+            meta.prompt_tokens = state.prompt_est if meta.attempts else 0
+            meta.completion_tokens = estimate_tokens("".join(text)) if text else 0
+            meta.cost = call_cost(state.model, meta.prompt_tokens, meta.completion_tokens)
+        _end(state)
+
+
+def chat_stream(
+    *,
+    model: str,
+    request: dict,
+    caller: Caller | None = None,
+    interactive: bool = True,
+    cache: str = "default",
+    run_index: int | None = None,
+    deadline_s: float | None = None,
+    include_usage: bool = True,
+) -> ChatStream:
+    """One chat completion streamed through the gateway: an iterator of OpenAI
+    ``chat.completion.chunk`` dicts (the last one carries ``usage`` when ``include_usage``).
+
+    The same path as ``chat``: registry, cache (a hit replays the stored answer as chunks; a
+    completed stream is stored under the key ``chat`` uses, so the two share hits), breaker,
+    rate limit, budget reservation, retries until the first chunk arrives. Errors before the
+    first chunk raise here, as ``chat``'s do; one after it ends the stream with an
+    ``{"error": {...}}`` item. The ledger row is written and the reservation settled when the
+    stream ends, is closed early, or is dropped."""
+    body = _check_body(request)
+    max_tokens = int(
+        body.get("max_tokens")
+        or body.get("max_completion_tokens")
+        or settings.GATEWAY_DEFAULT_MAX_TOKENS
+    )
+    state = _begin(
+        operation="chat", model_key=model, caller=caller, cache=cache, deadline_s=deadline_s
+    )
+    chunks = _stream(
+        state,
+        body=body,
+        interactive=interactive,
+        cache=cache,
+        run_index=run_index,
+        deadline_s=deadline_s,
+        max_tokens=max_tokens,
+        include_usage=include_usage,
+    )
+    next(chunks)  # the pre-call steps and the first chunk: refusals raise here
+    return ChatStream(chunks, state.meta)

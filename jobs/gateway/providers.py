@@ -9,6 +9,7 @@ response body as the OpenAI-shaped dict it is on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import math
@@ -16,10 +17,12 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import orjson
 from django.conf import settings
 
@@ -125,6 +128,14 @@ class BaseProvider:
     ) -> ProviderResponse:
         raise NotImplementedError
 
+    def chat_stream(
+        self, model: RegisteredModel, request: dict, *, timeout: float, request_id: str
+    ) -> Iterator[dict]:
+        """OpenAI ``chat.completion.chunk`` dicts, the last carrying ``usage``. A provider
+        without a streaming call answers whole and replays the answer as chunks."""
+        out = self.chat(model, request, timeout=timeout, request_id=request_id)
+        yield from completion_as_chunks(out.body)
+
     def embed(
         self, model: RegisteredModel, inputs: list[str], *, timeout: float, request_id: str
     ) -> ProviderResponse:
@@ -141,6 +152,32 @@ class BaseProvider:
     def secrets(self) -> list[str]:
         """Strings that must never reach a log or an error message."""
         return []
+
+
+def _text_pieces(text: str) -> list[str]:
+    """Word-sized pieces (whitespace kept) of a whole answer replayed as a stream."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
+def completion_as_chunks(body: dict) -> Iterator[dict]:
+    """A whole ChatCompletion as the chunks a stream of it would be: the role, the content in
+    word-sized pieces, the finish reason, then one usage chunk."""
+    base = {
+        "id": body.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": body.get("created") or int(time.time()),
+        "model": body.get("model") or "",
+    }
+    choice = (body.get("choices") or [{}])[0]
+    text = message_text((choice.get("message") or {}).get("content"))
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    for piece in _text_pieces(text):
+        yield {**base, "choices": [{"index": 0, "delta": {"content": piece}}]}
+    yield {
+        **base,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason")}],
+    }
+    yield {**base, "choices": [], "usage": body.get("usage")}
 
 
 PROVIDER_CLASSES: dict[str, type[BaseProvider]] = {}
@@ -211,29 +248,13 @@ class OpenAICompatibleProvider(BaseProvider):
                     _clients[cache_key] = client
         return client
 
-    def _call(self, fn, *, request_id: str, timeout: float, check):
+    @contextlib.contextmanager
+    def _errors(self, timeout: float):
+        """The SDK's exceptions as ProviderCallError (transient or permanent)."""
         import openai
 
         try:
-            raw = fn(timeout=timeout, extra_headers={"X-Request-ID": request_id})
-            http = raw.http_response
-            try:
-                body = orjson.loads(http.content)
-            except orjson.JSONDecodeError:
-                raise ProviderCallError(
-                    f"{self.provider.slug} sent a body that is not JSON (HTTP {http.status_code})",
-                    transient=True,
-                    status=http.status_code,
-                    reason="malformed_body",
-                ) from None
-            if not isinstance(body, dict) or not check(body):
-                raise ProviderCallError(
-                    f"{self.provider.slug} sent a response without the expected fields",
-                    transient=True,
-                    status=http.status_code,
-                    reason="malformed_body",
-                )
-            return body
+            yield
         except openai.APIStatusError as exc:
             status = exc.status_code
             transient = status in TRANSIENT_STATUSES or status >= 500
@@ -265,6 +286,40 @@ class OpenAICompatibleProvider(BaseProvider):
                 transient=True,
                 reason="malformed_body",
             ) from None
+        except openai.APIError as exc:  # e.g. an error event inside a stream
+            raise ProviderCallError(
+                _redact(f"{self.provider.slug} failed: {exc.message}", [self._key])[:500],
+                transient=True,
+                reason="stream_error",
+            ) from None
+        except httpx.HTTPError as exc:  # the connection broke while a stream was read
+            raise ProviderCallError(
+                f"{self.provider.slug} broke off ({type(exc).__name__})",
+                transient=True,
+                reason="connection",
+            ) from None
+
+    def _call(self, fn, *, request_id: str, timeout: float, check):
+        with self._errors(timeout):
+            raw = fn(timeout=timeout, extra_headers={"X-Request-ID": request_id})
+        http = raw.http_response
+        try:
+            body = orjson.loads(http.content)
+        except orjson.JSONDecodeError:
+            raise ProviderCallError(
+                f"{self.provider.slug} sent a body that is not JSON (HTTP {http.status_code})",
+                transient=True,
+                status=http.status_code,
+                reason="malformed_body",
+            ) from None
+        if not isinstance(body, dict) or not check(body):
+            raise ProviderCallError(
+                f"{self.provider.slug} sent a response without the expected fields",
+                transient=True,
+                status=http.status_code,
+                reason="malformed_body",
+            )
+        return body
 
     def chat(self, model, request, *, timeout, request_id):
         body = self._call(
@@ -284,6 +339,26 @@ class OpenAICompatibleProvider(BaseProvider):
             texts = [message_text((c.get("message") or {}).get("content")) for c in body["choices"]]
             completion = sum(estimate_tokens(t) for t in texts)
         return ProviderResponse(body, int(prompt), int(completion))
+
+    def chat_stream(self, model, request, *, timeout, request_id):
+        """The SDK's ``stream=True`` with ``include_usage``: chunks as the server sends them.
+        Every failure (opening, or mid-stream) comes out as ProviderCallError; closing this
+        iterator closes the HTTP response."""
+        with self._errors(timeout):
+            stream = self.client().chat.completions.create(
+                model=model.remote_id,
+                **request,
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=timeout,
+                extra_headers={"X-Request-ID": request_id},
+            )
+        try:
+            with self._errors(timeout):
+                for chunk in stream:
+                    yield chunk.to_dict()
+        finally:
+            stream.close()
 
     def embed(self, model, inputs, *, timeout, request_id):
         body = self._call(
@@ -388,7 +463,7 @@ class OfflineProvider(BaseProvider):
         loaded = self._load(model)
         return generate.count_chat_tokens(loaded.tokenizer, _plain_messages(request))
 
-    def chat(self, model, request, *, timeout, request_id):
+    def _decoding(self, request: dict):
         from gpu import generate
 
         if int(request.get("n") or 1) != 1:
@@ -410,6 +485,61 @@ class OfflineProvider(BaseProvider):
             seed=int(request.get("seed") if request.get("seed") is not None else 0),
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
         )
+        return decoding
+
+    def chat_stream(self, model, request, *, timeout, request_id):
+        """TextIteratorStreamer pieces (gpu.generate.generate_stream) as chunks."""
+        from gpu import generate
+
+        decoding = self._decoding(request)
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model.remote_id,
+        }
+        try:
+            loaded = self._load(model)
+            pieces = generate.generate_stream(loaded, _plain_messages(request), decoding)
+            yield {
+                **base,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+            }
+            try:
+                for piece in pieces:
+                    if not piece.done:
+                        yield {**base, "choices": [{"index": 0, "delta": {"content": piece.text}}]}
+                        continue
+                    yield {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {}, "finish_reason": piece.finish_reason}
+                        ],
+                    }
+                    yield {
+                        **base,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": piece.prompt_tokens,
+                            "completion_tokens": piece.completion_tokens,
+                            "total_tokens": piece.prompt_tokens + piece.completion_tokens,
+                        },
+                    }
+            finally:
+                pieces.close()  # stops the generating thread when the reader left early
+        except ProviderCallError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ProviderCallError(
+                f"The offline model failed: {type(exc).__name__}: {exc}"[:500],
+                transient=False,
+                reason="offline_failed",
+            ) from None
+
+    def chat(self, model, request, *, timeout, request_id):
+        from gpu import generate
+
+        decoding = self._decoding(request)
         try:
             loaded = self._load(model)
             out = generate.generate(loaded, _plain_messages(request), decoding)

@@ -10,6 +10,10 @@ and a log of every request (path, body, headers, arrival time).
     ...  base_url = server.url         # "http://127.0.0.1:<port>/v1"
     server.close()
 
+``"stream": true`` answers as SSE chunks (``server.stream_delay`` seconds apart; a usage
+chunk when ``stream_options.include_usage``; ``server.stream_break_after`` drops the
+connection mid-stream).
+
 Faults are consumed in order, one per request (any path unless ``path`` is given); with none
 left the server answers normally. Chat answers echo the last user message ("echo: ..."),
 deterministically, with usage counted as whitespace-separated words (+1 per message).
@@ -69,6 +73,11 @@ class OpenAIServer:
             {"id": "test-embed", "object": "model", "owned_by": "loopback", "created": 1},
         ]
         self.lock = threading.Lock()
+        # Streaming (``"stream": true``): seconds between chunks; drop the connection after
+        # this many words (None: never); streams whose client went away before the end.
+        self.stream_delay = 0.0
+        self.stream_break_after: int | None = None
+        self.stream_aborted = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,11 +133,74 @@ class OpenAIServer:
                 if method == "GET" and path.endswith("/models"):
                     return self._reply(200, {"object": "list", "data": server.models})
                 if method == "POST" and path.endswith("/chat/completions"):
+                    if body.get("stream"):
+                        return self._stream(body)
                     return self._reply(200, server.completion(body))
                 if method == "POST" and path.endswith("/embeddings"):
                     return self._reply(200, server.embeddings(body))
                 entry.answered = "404"
                 return self._reply(404, {"error": {"message": f"No route {path}"}})
+
+            def _stream(self, body: dict):
+                """SSE: the answer word by word (``stream_delay`` apart), the finish reason,
+                a usage chunk when ``stream_options.include_usage``, then ``[DONE]``; the body
+                ends when the connection closes. ``stream_break_after``: drop the connection
+                after that many words."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                whole = server.completion(body)
+                base = {
+                    "id": whole["id"],
+                    "object": "chat.completion.chunk",
+                    "created": whole["created"],
+                    "model": whole["model"],
+                }
+                text = whole["choices"][0]["message"]["content"]
+                words = text.split(" ")
+                events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+                events += [
+                    {
+                        **base,
+                        "choices": [{"index": 0, "delta": {"content": w if i == 0 else " " + w}}],
+                    }
+                    for i, w in enumerate(words)
+                ]
+                events.append(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {},
+                                "finish_reason": whole["choices"][0]["finish_reason"],
+                            }
+                        ],
+                    }
+                )
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    events.append({**base, "choices": [], "usage": whole["usage"]})
+                try:
+                    for i, event in enumerate(events):
+                        if i and server.stream_delay:
+                            time.sleep(server.stream_delay)
+                        if server.stream_break_after is not None and i > server.stream_break_after:
+                            self.connection.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
+                            self.connection.close()
+                            return None
+                        self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                        self.wfile.flush()
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except OSError:  # the client went away mid-stream
+                    with server.lock:
+                        server.stream_aborted += 1
+                return None
 
             def _fault(self, fault: Fault):
                 if fault.kind == "timeout":

@@ -20,7 +20,7 @@ from django.test import override_settings
 
 from config.roles import Role
 from jobs import serving
-from jobs.gateway.providers import OfflineProvider, ProviderResponse
+from jobs.gateway.providers import BaseProvider, OfflineProvider, ProviderResponse
 from jobs.models import ChatResponse, GatewaySettings, Provider, RegisteredModel, ResponseProfile
 from tests.conftest import assert_envelope
 
@@ -66,6 +66,8 @@ def fake_model(monkeypatch):
         return ProviderResponse(body, 12, completion)
 
     monkeypatch.setattr(OfflineProvider, "chat", chat)
+    # Streams replay the fake's whole answer as chunks (the base provider's fallback).
+    monkeypatch.setattr(OfflineProvider, "chat_stream", BaseProvider.chat_stream)
     monkeypatch.setattr(OfflineProvider, "prompt_tokens", lambda self, model, request: 12)
     Fake.answers, Fake.calls = [], []
     return Fake
