@@ -339,3 +339,30 @@ def test_a_runpod_job_completes_with_grants_alone(policy_s3, loopback):  # noqa:
     assert "adapter/adapter_model.safetensors" in stored
     assert any(k.startswith("checkpoints/step-") for k in stored)
     assert not policy_s3["front"].refused, policy_s3["front"].refused
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_preempted_pod_resumes_from_its_checkpoint_through_get_urls(policy_s3, loopback):  # noqa: F811
+    """Preempted after its first checkpoint, the relaunched pod resumes from it with the
+    presigned GET URLs alone (it cannot list or read the bucket) and completes."""
+    from tests.training.test_runpod_recovery import (
+        newest_complete_checkpoint,
+        runpod_job,
+        wait_for,
+    )
+    from training.models import JobStatus, WebhookEvent
+
+    job = runpod_job(spot=True, name="grants-resume")
+    job = wait_for(loopback, job.pk, lambda j: j.checkpoints.exists() or j.is_terminal)
+    assert not job.is_terminal, (job.error_type, job.error_message)
+    loopback.preempt(job.executor_ref, mode="gone")
+    killed_at = newest_complete_checkpoint(job)
+    job = wait_for(loopback, job.pk, lambda j: j.is_terminal, timeout=400)
+    assert job.status == JobStatus.COMPLETED, (job.error_type, job.error_message)
+    checks = [
+        e.payload["data"]
+        for e in WebhookEvent.objects.filter(job=job, type="resume_check").order_by("received_at")
+    ]
+    assert [c["resumed_from_step"] for c in checks] == [killed_at] and checks[0]["passed"]
+    assert not policy_s3["front"].refused, policy_s3["front"].refused
