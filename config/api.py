@@ -16,7 +16,12 @@ from ninja.errors import AuthenticationError, HttpError, Throttled
 from ninja.errors import ValidationError as NinjaValidationError
 
 from config.auth import ApiTokenAuth, BrowserSessionAuth
-from config.errors import CrucibleError, envelope
+from config.errors import (
+    CrucibleError,
+    DependencyUnavailable,
+    dependency_errors,
+    envelope,
+)
 from config.ratelimit import TokenRateThrottle
 
 logger = logging.getLogger("crucible.api")
@@ -140,6 +145,19 @@ def _forbidden(request: HttpRequest, exc: Exception) -> HttpResponse:
         code="permission_denied",
         message=str(exc) or "Your role does not allow this action.",
     )
+
+
+def _dependency_unavailable(request: HttpRequest, exc: Exception) -> HttpResponse:
+    # Redis (cache, counters) or the broker unreachable on a path with no degraded mode of its
+    # own: a clear 503 with Retry-After, never a 500 traceback (docs/runbook.md, "Redis down").
+    logger.warning(
+        "Dependency unavailable in %s %s: %s", request.method, request.path, type(exc).__name__
+    )
+    return _crucible_error(request, DependencyUnavailable())
+
+
+for _dependency_error in dependency_errors():
+    api.add_exception_handler(_dependency_error, _dependency_unavailable)
 
 
 @api.exception_handler(Exception)

@@ -48,9 +48,10 @@ TOKEN_FAILURE_GROUP = "api-token-failures"  # noqa: S105 - a cache key group, no
 
 def _token_failures(request: HttpRequest, *, increment: bool) -> dict | None:
     from django.conf import settings
-    from django_ratelimit.core import get_usage
 
-    return get_usage(
+    from config.ratelimit import usage_or_none  # fails open while the cache (Redis) is down
+
+    return usage_or_none(
         request,
         group=TOKEN_FAILURE_GROUP,
         key="ip",

@@ -103,3 +103,62 @@ def envelope(*, code: str, message: str, details: Any = None, request_id: str | 
             "request_id": request_id,
         }
     }
+
+
+class DependencyUnavailable(CrucibleError):
+    """A part Crucible runs on (Redis: cache, rate-limit counters, task queue) does not answer.
+    The request may succeed once it is back: 503 with Retry-After."""
+
+    status_code = 503
+    code = "dependency_unavailable"
+    default_message = (
+        "A service Crucible depends on (Redis: cache, rate limits, task queue) is unavailable; "
+        "try again in a few seconds."
+    )
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        dependency: str = "redis",
+        retry_after: int = 5,
+        details: Any = None,
+    ):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(
+            message, details=details or {"dependency": dependency, "retry_after": self.retry_after}
+        )
+
+
+def dependency_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean Redis (the cache, the counters) or the broker is unreachable:
+    what the degraded paths catch and the API maps to a 503 ``dependency_unavailable``."""
+    found: list[type[BaseException]] = []
+    try:
+        from redis.exceptions import RedisError
+
+        found.append(RedisError)
+    except ImportError:  # pragma: no cover - redis is a dependency
+        pass
+    try:
+        from kombu.exceptions import OperationalError
+
+        found.append(OperationalError)
+    except ImportError:  # pragma: no cover - kombu comes with Celery
+        pass
+    return tuple(found)
+
+
+_last_warned: dict[str, float] = {}
+
+
+def warn_degraded(logger: Any, what: str, exc: BaseException, *, interval_s: float = 60.0) -> None:
+    """Log "<what> unavailable" at WARNING at most once per ``interval_s`` per ``what`` in this
+    process, so an outage under load does not flood the log with one line per request."""
+    import time
+
+    now = time.monotonic()
+    last = _last_warned.get(what)
+    if last is None or now - last >= interval_s:
+        _last_warned[what] = now
+        logger.warning("%s unavailable, degrading: %s: %s", what, type(exc).__name__, exc)

@@ -312,6 +312,9 @@ LOGOUT_REDIRECT_URL = "login"
 # Per-token (or per-user for browser sessions) limit, as "<count>/<period>" (s, m, h, d).
 API_RATE_LIMIT = env.str("API_RATE_LIMIT", default="600/m")
 RATELIMIT_USE_CACHE = "default"
+# Cache (Redis) down: API rate limits are not enforced rather than every request refused; the
+# connection errors django-ratelimit lets through are caught in config/ratelimit.py.
+RATELIMIT_FAIL_OPEN = True
 NINJA_PAGINATION_PER_PAGE = 50
 
 # --- Security ---------------------------------------------------------------------------------

@@ -1,13 +1,21 @@
 """The exact-match response cache: Django's cache (Redis in production, the database cache
 embedded), keyed by the SHA-256 of the canonical JSON of everything that decides an answer.
+
+Redis down: calls continue uncached (a lookup is a miss, a store is skipped, the answer says
+``cached: false``) and a warning is logged at most once a minute per process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import orjson
 from django.core.cache import cache
+
+from config.errors import dependency_errors, warn_degraded
+
+logger = logging.getLogger("crucible.gateway")
 
 PREFIX = "gw:resp:"
 MODES = ("default", "no-store", "refresh")
@@ -42,14 +50,21 @@ def cache_key(
 def lookup(key: str) -> dict | None:
     """{"raw": the stored response JSON (bytes as first returned), "prompt_tokens",
     "completion_tokens"} or None."""
-    return cache.get(PREFIX + key)
+    try:
+        return cache.get(PREFIX + key)
+    except dependency_errors() as exc:
+        warn_degraded(logger, "gateway response cache", exc)
+        return None
 
 
 def store(key: str, *, raw: str, prompt_tokens: int, completion_tokens: int, ttl_s: int) -> None:
     if ttl_s <= 0:
         return
-    cache.set(
-        PREFIX + key,
-        {"raw": raw, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-        timeout=ttl_s,
-    )
+    try:
+        cache.set(
+            PREFIX + key,
+            {"raw": raw, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            timeout=ttl_s,
+        )
+    except dependency_errors() as exc:
+        warn_degraded(logger, "gateway response cache", exc)

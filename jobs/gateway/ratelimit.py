@@ -6,20 +6,29 @@ below, a ``limits`` storage over one table row per counter. ``limits`` ships sto
 memory, Redis, Memcached, MongoDB and etcd but none for SQL, and a memory storage would not
 be shared between processes; a row locked for the read-modify-write (SELECT ... FOR UPDATE on
 PostgreSQL, SQLite's IMMEDIATE transactions) makes the database the shared counter.
+
+Redis down: each process falls back to its own ``limits`` MemoryStorage with the same limits
+(so N processes may together send up to N times a provider's limit while Redis is away; the
+provider's own 429s, retried with Retry-After, are the backstop). Calls go on rather than fail;
+a warning is logged once a minute. The shared counters take over again when Redis answers.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
 from limits import RateLimitItemPerSecond
-from limits.storage import MovingWindowSupport, Storage, storage_from_string
+from limits.storage import MemoryStorage, MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from config.errors import dependency_errors, warn_degraded
 from jobs.models import RateLimitWindow
+
+logger = logging.getLogger("crucible.gateway")
 
 
 class DatabaseStorage(Storage, MovingWindowSupport):
@@ -104,6 +113,15 @@ class DatabaseStorage(Storage, MovingWindowSupport):
 
 
 _limiter: tuple[str, MovingWindowRateLimiter] | None = None
+_fallback: MovingWindowRateLimiter | None = None
+
+
+def fallback_limiter() -> MovingWindowRateLimiter:
+    """This process's own limiter, used while the shared store (Redis) is unreachable."""
+    global _fallback
+    if _fallback is None:
+        _fallback = MovingWindowRateLimiter(MemoryStorage())
+    return _fallback
 
 
 def limiter() -> MovingWindowRateLimiter:
@@ -145,7 +163,16 @@ def try_acquire(limits: list[Limit], *, tokens: int) -> float | None:
     """Take one request and ``tokens`` from every limit; None when taken, else the seconds
     until the first refusing limit may have room. Limits taken before a refusal stay taken
     (a wasted slot errs on the safe side of the provider's limit)."""
-    lim = limiter()
+    if not limits:
+        return None
+    try:
+        return _acquire(limiter(), limits, tokens=tokens)
+    except dependency_errors() as exc:
+        warn_degraded(logger, "gateway shared rate limits (Redis)", exc)
+        return _acquire(fallback_limiter(), limits, tokens=tokens)
+
+
+def _acquire(lim: MovingWindowRateLimiter, limits: list[Limit], *, tokens: int) -> float | None:
     for limit in limits:
         cost = 1 if limit.what == "requests" else min(max(1, tokens), limit.amount)
         item = limit.item()
