@@ -1,7 +1,9 @@
 """The chat page (/chat/) and the feedback analysis page (/chat/feedback/).
 
 The chat page talks to the public API from the browser (static/js/chat.js): the streamed
-answer from ``POST /v1/chat/completions`` (session auth, CSRF header) and feedback through
+answer from ``POST /v1/chat/completions`` (session auth, CSRF header; a true stream from
+``gateway.chat_stream``, chunks shown as the model writes them; an ``error`` event mid-answer
+shows the retryable error state) and feedback through
 ``POST /v1/feedback``. The feedback page shows ratings and tags per model and turns chosen
 feedback into a training file (and a Smoke job) through jobs/serving.py.
 """

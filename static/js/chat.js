@@ -152,9 +152,15 @@
     }
     var reader = response.body.getReader();
     var decoder = new TextDecoder();
-    var buffer = "", answer = "", info = null, usage = null;
+    var buffer = "", answer = "", info = null, usage = null, failure = null;
     for (;;) {
-      var chunk = await reader.read();
+      var chunk;
+      try {
+        chunk = await reader.read();
+      } catch (e) {
+        failure = { message: "The connection broke off mid-answer." };
+        break;
+      }
       if (chunk.done) break;
       buffer += decoder.decode(chunk.value, { stream: true });
       var events = buffer.split("\n\n");
@@ -165,12 +171,18 @@
         var data = line.slice(5).trim();
         if (data === "[DONE]") return;
         var payload = JSON.parse(data);
+        if (payload.error) { failure = payload.error; return; } // the stream ended in an error
         if (payload.usage) usage = payload.usage;
         if (payload.crucible) info = payload.crucible;
         (payload.choices || []).forEach(function (c) {
           if (c.delta && c.delta.content) { answer += c.delta.content; text.textContent = answer; }
         });
       });
+    }
+    if (failure) {
+      // What arrived stays on screen; the answer is incomplete, so it can be asked again.
+      turn.dataset.state = "error";
+      return showError(turn, (failure.message || "The answer broke off.") + " The answer is incomplete.", 0, retry);
     }
     turn.classList.remove("is-streaming");
     turn.dataset.state = "done";

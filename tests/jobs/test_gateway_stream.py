@@ -219,3 +219,46 @@ def test_v1_errors_django_answers_itself_use_the_envelope(api_as):
     error = assert_envelope(response, 405)
     assert "POST" in response["Allow"]
     assert error["code"] == "method_not_allowed"
+
+
+def test_chat_page_stream_session_auth_records_the_response(
+    client, openai_server, loopback_model, fast_gateway
+):
+    """The chat page's request (static/js/chat.js): session auth, streamed SSE, the finish
+    chunk carrying the recorded response's metadata, the usage chunk, then [DONE]."""
+    import json
+
+    from jobs.models import ChatResponse
+    from tests.factories import UserFactory
+
+    client.force_login(UserFactory(role=Role.ENGINEER))
+    r = client.post(
+        "/v1/chat/completions",
+        {
+            "model": loopback_model.key,
+            "messages": [{"role": "user", "content": "hello there"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        content_type="application/json",
+    )
+    assert r.status_code == 200 and r["Content-Type"] == "text/event-stream"
+    events = b"".join(r.streaming_content).decode().strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert _text(chunks) == "echo: hello there (seed 0)"
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    response = ChatResponse.objects.get()
+    assert chunks[-2]["crucible"]["response_id"] == response.pk
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert response.cost == LlmCall.objects.get().cost.quantize(Decimal("0.000001"))
+    assert LlmReservation.objects.count() == 0
+
+
+def test_chat_stream_viewer_403_and_anonymous_401(api_as, anon_api, loopback_model):
+    body = {"model": loopback_model.key, "messages": [{"role": "user", "content": "x"}]}
+    assert_envelope(
+        api_as(Role.VIEWER).post("/v1/chat/completions", json={**body, "stream": True}), 403
+    )
+    assert_envelope(anon_api.post("/v1/chat/completions", json={**body, "stream": True}), 401)
+    assert not LlmCall.objects.exists()
