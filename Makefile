@@ -79,10 +79,11 @@ beat: install  ## Run the Celery beat scheduler (one per installation: a pidfile
 test: install browser  ## Install everything and run the whole suite
 	$(PY) -m pytest --durations=25
 
-lint: install  ## ruff, formatting and migrations checks
+lint: install  ## ruff, formatting, migrations and import-boundary checks
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) manage.py makemigrations --check --dry-run
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime
 from decimal import Decimal
+from typing import Annotated, Literal
 from uuid import UUID
 
 from django.http import HttpRequest, HttpResponse
@@ -100,21 +101,26 @@ class BudgetOut(Schema):
     alerts: list[dict]
 
 
+# YYYY-MM, stated in the schema (the service refused other shapes with a 422 it did not state).
+MONTH_PATTERN = r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$"
+Month = Annotated[str, Field(pattern=MONTH_PATTERN, description="YYYY-MM")]
+
+
 class BudgetIn(Schema):
     amount: Decimal = Field(..., ge=0, max_digits=10, decimal_places=2)
-    month: str | None = Field(None, description="YYYY-MM; this month when omitted")
+    month: Month | None = Field(None, description="YYYY-MM; this month when omitted")
     approval_threshold: Decimal | None = Field(None, ge=0, max_digits=10, decimal_places=2)
     hard_cap_percent: int | None = Field(None, ge=1, le=1000)
 
 
 class Threshold(Schema):
     percent: int = Field(..., ge=1, le=200)
-    channels: list[str] = Field(default_factory=lambda: ["email"])
+    channels: list[Literal["email", "slack"]] = Field(default_factory=lambda: ["email"])
 
 
 class ThresholdsIn(Schema):
     thresholds: list[Threshold] = Field(..., min_length=1, max_length=10)
-    month: str | None = None
+    month: Month | None = None
 
 
 class ThresholdsOut(Schema):
@@ -228,7 +234,7 @@ def prices_list(request: HttpRequest):
     auth=requires("view_dashboard"),
     summary="Spent, remaining, forecast and per-job spending of a month",
 )
-def budget_monthly(request: HttpRequest, month: str | None = None):
+def budget_monthly(request: HttpRequest, month: Month | None = None):
     return services.budget_summary(month=services.parse_month(month))
 
 
@@ -255,7 +261,7 @@ def budget_monthly_set(request: HttpRequest, payload: BudgetIn):
     auth=requires("view_dashboard"),
     summary="The month's ledger as CSV, for accounting",
 )
-def budget_monthly_csv(request: HttpRequest, month: str | None = None):
+def budget_monthly_csv(request: HttpRequest, month: Month | None = None):
     parsed: date = services.parse_month(month)
     response = HttpResponse(services.ledger_csv(month=parsed), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="crucible-spending-{parsed:%Y-%m}.csv"'

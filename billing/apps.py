@@ -23,3 +23,6 @@ class BillingConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(_ensure_prices, sender=self, dispatch_uid="billing-prices")
+        from billing import hooks  # subscribes to training's announcements (training/hooks.py)
+
+        hooks.connect()

@@ -1,4 +1,4 @@
-"""How training calls into billing (training/services.py calls these four)."""
+"""How billing answers training (training/hooks.py announces; connect() subscribes these)."""
 
 from __future__ import annotations
 
@@ -64,3 +64,25 @@ def job_finished(*, job) -> None:
             logger.exception("could not queue the notification of job %s", job_id)
 
     transaction.on_commit(enqueue)
+
+
+def connect() -> None:
+    """Subscribe to training's announcements (training/hooks.py); called by BillingConfig."""
+    from training import hooks as training
+
+    training.estimate_requested.connect(
+        lambda sender, job, **kw: estimate_for_job(job=job), weak=False, dispatch_uid="billing-est"
+    )
+    training.start_requested.connect(
+        lambda sender, job, user, override_reason="", **kw: before_start(
+            job=job, user=user, override_reason=override_reason
+        ),
+        weak=False,
+        dispatch_uid="billing-start",
+    )
+    training.reconcile_tick.connect(
+        lambda sender, now, **kw: accrue(now=now), weak=False, dispatch_uid="billing-accrue"
+    )
+    training.job_finished.connect(
+        lambda sender, job, **kw: job_finished(job=job), weak=False, dispatch_uid="billing-done"
+    )

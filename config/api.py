@@ -6,14 +6,19 @@ Every error, whatever raised it, leaves through the handlers below in the envelo
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
-from django.core.exceptions import ObjectDoesNotExist
+from django.conf import settings
+from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
+from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled
 from ninja.errors import ValidationError as NinjaValidationError
+from ninja.parser import Parser
 
 from config.auth import ApiTokenAuth, BrowserSessionAuth
 from config.errors import (
@@ -26,7 +31,51 @@ from config.ratelimit import TokenRateThrottle
 
 logger = logging.getLogger("crucible.api")
 
-api = NinjaAPI(
+# Statuses any operation can answer, whatever its route declares: a body that does not parse
+# (400), a missing or bad token (401), a body over DATA_UPLOAD_MAX_MEMORY_SIZE (413), an
+# invalid request (422) and the rate limit (429). The OpenAPI document lists them on every
+# operation so the schema and the behaviour agree (checked by tests/config/test_fuzz.py).
+COMMON_ERROR_STATUSES = {
+    400: "The request body could not be parsed (malformed JSON or multipart).",
+    401: "Authentication required.",
+    413: "The request body is larger than the limit.",
+    422: "The request is not valid.",
+    429: "Rate limit exceeded.",
+}
+
+
+class JsonObjectParser(Parser):
+    """JSON bodies must be objects (every body schema of the API is one); anything else,
+    an array or a bare number, is refused with 422 instead of reaching a handler."""
+
+    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
+        data = json.loads(request.body)
+        if not isinstance(data, dict):
+            raise HttpError(422, "The request body must be a JSON object.")
+        return data
+
+
+class CrucibleAPI(NinjaAPI):
+    def get_openapi_schema(self, *args: Any, **kwargs: Any):
+        schema = super().get_openapi_schema(*args, **kwargs)
+        error_ref = {"$ref": "#/components/schemas/ErrorOut"}
+        if "ErrorOut" not in schema.get("components", {}).get("schemas", {}):
+            return schema
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                responses = operation["responses"]
+                for status, description in COMMON_ERROR_STATUSES.items():
+                    if status not in responses and str(status) not in responses:
+                        responses[status] = {
+                            "description": description,
+                            "content": {"application/json": {"schema": error_ref}},
+                        }
+        return schema
+
+
+api = CrucibleAPI(
     title="Crucible API",
     version="1",
     description=(
@@ -37,6 +86,7 @@ api = NinjaAPI(
     auth=[ApiTokenAuth(), BrowserSessionAuth()],
     throttle=[TokenRateThrottle()],
     urls_namespace="api",
+    parser=JsonObjectParser(),
 )
 
 
@@ -125,6 +175,28 @@ def _throttled(request: HttpRequest, exc: Throttled) -> HttpResponse:
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     code = _HTTP_CODES.get(exc.status_code, "error")
     return error_response(request, status=exc.status_code, code=code, message=exc.message)
+
+
+@api.exception_handler(RequestDataTooBig)
+def _too_big(request: HttpRequest, exc: Exception) -> HttpResponse:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return error_response(
+        request,
+        status=413,
+        code="payload_too_large",
+        message=f"The request body is larger than the limit of {limit} bytes.",
+        details={"limit_bytes": limit},
+    )
+
+
+@api.exception_handler(MultiPartParserError)
+def _bad_multipart(request: HttpRequest, exc: Exception) -> HttpResponse:
+    return error_response(
+        request,
+        status=400,
+        code="bad_request",
+        message=f"The multipart body could not be parsed: {exc}",
+    )
 
 
 @api.exception_handler(Http404)

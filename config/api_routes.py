@@ -1,12 +1,16 @@
 """Core API routes: who am I, users and roles, tokens, system status."""
 
+import re
 from datetime import datetime
+from typing import Annotated
 
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
-from ninja.pagination import PageNumberPagination, paginate
+from ninja.pagination import PageNumberPagination as NinjaPageNumberPagination
+from ninja.pagination import paginate
 from ninja.responses import Status
+from pydantic import BeforeValidator
 
 from config import health, services
 from config.auth import has_capability, requires
@@ -91,6 +95,40 @@ class ReadinessOut(Schema):
     components: dict[str, dict] = Field(
         default_factory=dict, description="Parts apps report, e.g. model_gateway's breakers"
     )
+
+
+MAX_PAGE = 1_000_000
+_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def _iso_only(value):
+    # pydantic reads a bare number as a Unix time; the schema says ISO 8601 date-time.
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.match(value)):
+        raise ValueError("must be an ISO 8601 date-time such as 2026-11-30T12:00:00Z")
+    return value
+
+
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+def Omittable(**constraints):
+    """An optional field that may be left out but not sent as null: for PATCH bodies, where
+    null would otherwise reach a NOT NULL column (a 500). Declare it ``name: str = Omittable()``;
+    the schema then says "string, not required" and null is refused with 422."""
+    return Field(None, json_schema_extra=_no_default, **constraints)
+
+
+class PageNumberPagination(NinjaPageNumberPagination):
+    """Page-number pagination with the page bounded in the schema: an unbounded page made the
+    offset overflow the database's integer (a 500 on ``?page=99999999999999999999``)."""
+
+    class Input(Schema):
+        page: int = Field(1, ge=1, le=MAX_PAGE)
+        page_size: int | None = Field(None, ge=1)
 
 
 ERRORS = {401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 409: ErrorOut, 422: ErrorOut, 429: ErrorOut}

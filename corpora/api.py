@@ -6,10 +6,10 @@ from uuid import UUID
 from django.http import HttpRequest, HttpResponseRedirect, StreamingHttpResponse
 from ninja import Field, File, Form, Query, Router, Schema
 from ninja.files import UploadedFile
-from ninja.pagination import PageNumberPagination, paginate
+from ninja.pagination import paginate
 from ninja.responses import Status
 
-from config.api_routes import ERRORS
+from config.api_routes import ERRORS, PageNumberPagination
 from config.auth import requires
 from config.errors import Conflict, InvalidInput, NotFound
 from config.roles import require_change

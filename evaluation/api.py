@@ -7,10 +7,10 @@ from uuid import UUID
 
 from django.http import FileResponse, HttpRequest, HttpResponse, HttpResponseRedirect
 from ninja import Field, Query, Router, Schema
-from ninja.pagination import PageNumberPagination, paginate
+from ninja.pagination import paginate
 from ninja.responses import Status
 
-from config.api_routes import ERRORS
+from config.api_routes import ERRORS, PageNumberPagination
 from config.auth import requires
 from config.errors import InvalidInput, NotFound
 from config.storage import storage_file, storage_is_s3, storage_url

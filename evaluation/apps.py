@@ -12,3 +12,6 @@ class EvaluationConfig(AppConfig):
         from evaluation.evals import wiring
 
         wiring.connect()
+        from evaluation import hooks  # the automatic validation of completed training jobs
+
+        hooks.connect()

@@ -4,14 +4,16 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from ninja import Field, Query, Router, Schema
-from ninja.pagination import PageNumberPagination, paginate
+from ninja.pagination import paginate
 from ninja.responses import Status
 from ninja.security import APIKeyHeader
 
-from config.api_routes import ERRORS
+from config.api_routes import ERRORS, IsoDatetime, Omittable, PageNumberPagination
 from config.auth import requires
 from config.errors import InvalidInput, NotFound
 from config.roles import require_change
@@ -72,10 +74,11 @@ class StartIn(Schema):
 
 
 class JobPatch(Schema):
-    name: str | None = Field(None, min_length=1, max_length=255)
-    notes: str | None = None
-    description: str | None = None
-    tags: list[str] | None = Field(None, max_length=20)
+    # Fields may be left out, not set to null (the columns are NOT NULL).
+    name: str = Omittable(min_length=1, max_length=255)
+    notes: str = Omittable()
+    description: str = Omittable()
+    tags: list[str] = Omittable(max_length=20)
 
 
 class JobListOut(Schema):
@@ -203,8 +206,8 @@ class JobFilters(Schema):
     preset: str | None = None
     tag: str | None = None
     q: str | None = Field(None, description="Search in names, notes and tags")
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    created_after: IsoDatetime | None = None
+    created_before: IsoDatetime | None = None
     sort: Literal["-created_at", "created_at", "name", "-name", "status", "-cost_actual"] = (
         "-created_at"
     )
@@ -481,6 +484,14 @@ class WebhookSignature(APIKeyHeader):
     param_name = "X-Crucible-Signature"
 
     def authenticate(self, request: HttpRequest, key: str | None):
+        # Size first (a 413 before any signature work or body parsing), then the signature
+        # (in the handler, with the body), then the body.
+        try:
+            length = int(request.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        if length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            raise RequestDataTooBig("Request body exceeded settings.DATA_UPLOAD_MAX_MEMORY_SIZE.")
         return key or None
 
 

@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Field, Query, Router, Schema
 from ninja.responses import Status
 
-from config.api_routes import ERRORS
+from config.api_routes import ERRORS, Omittable
 from config.auth import requires
 from config.errors import InvalidInput, NotFound
 from config.roles import require_change
@@ -46,7 +46,7 @@ class TemplateOut(Schema):
 
 
 class TemplateIn(Schema):
-    name: str = Field(..., max_length=200)
+    name: str = Field(..., min_length=1, max_length=200)
     description: str = Field("", max_length=5000)
     notes: str = Field("", max_length=5000)
     tags: list[str] = Field(default_factory=list, max_length=20)
@@ -60,16 +60,18 @@ class TemplateIn(Schema):
 
 
 class TemplateFromJobIn(Schema):
-    name: str = Field(..., max_length=200)
+    name: str = Field(..., min_length=1, max_length=200)
     description: str = Field("", max_length=5000)
     include_training_file: bool = True
 
 
 class TemplatePatch(Schema):
-    name: str | None = Field(None, max_length=200)
-    description: str | None = Field(None, max_length=5000)
-    notes: str | None = Field(None, max_length=5000)
-    tags: list[str] | None = Field(None, max_length=20)
+    # Fields may be left out, not set to null (the columns are NOT NULL); training_file_id
+    # null detaches the file.
+    name: str = Omittable(min_length=1, max_length=200)
+    description: str = Omittable(max_length=5000)
+    notes: str = Omittable(max_length=5000)
+    tags: list[str] = Omittable(max_length=20)
     training_file_id: UUID | None = None
 
 

@@ -15,7 +15,6 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from billing import hooks as billing_hooks
 from config import addresses
 from config.errors import Conflict, ExternalServiceError, InvalidInput, NotAuthenticated
 from config.storage import (
@@ -27,6 +26,7 @@ from config.storage import (
 )
 from corpora.models import TrainingFile
 from training import errors as training_errors
+from training import hooks
 from training.config import configuration_diff, resolve_configuration
 from training.executors import ExecutorState, get_executor
 from training.models import (
@@ -85,7 +85,7 @@ def _transition(job: TrainingJob, to: str, *, reason: str = "", **fields) -> Tra
     updates = {"status": to, "updated_at": now, **fields}
     if to in TERMINAL_STATUSES:
         updates.setdefault("completed_at", now)
-        transaction.on_commit(lambda: billing_hooks.job_finished(job=job))
+        transaction.on_commit(lambda: hooks.announce_job_finished(job=job))
         if job.executor == TrainingJob.Executor.RUNPOD:
             transaction.on_commit(lambda: _enqueue_release(job))
     if TrainingJob.objects.filter(pk=job.pk, status=current).update(**updates) != 1:
@@ -154,7 +154,7 @@ def training_job_create(
         spot=spot,
         created_by=user,
     )
-    estimate = billing_hooks.estimate_for_job(job=job)
+    estimate = hooks.estimate_for_job(job=job)
     if estimate is not None:
         TrainingJob.objects.filter(pk=job.pk).update(cost_estimate=estimate)
         job.cost_estimate = estimate
@@ -169,7 +169,7 @@ def training_job_start(
     override_reason: str = "",
 ) -> TrainingJob:
     with transaction.atomic():
-        billing_hooks.before_start(job=job, user=user, override_reason=override_reason)
+        hooks.before_start(job=job, user=user, override_reason=override_reason)
         _transition(
             job, S.QUEUED, reason=f"started by {user or 'system'}", queued_at=timezone.now()
         )
@@ -656,7 +656,7 @@ def training_jobs_reconcile(
     if job_ids is not None:
         jobs = jobs.filter(pk__in=[str(i) for i in job_ids])
     else:
-        billing_hooks.accrue(now=now)
+        hooks.accrue(now=now)
     grace = timedelta(seconds=settings.TRAINING_CANCEL_GRACE_S)
     # Cancelled jobs whose worker ignores SIGTERM get killed after the grace period.
     for job in (
@@ -973,9 +973,7 @@ def _on_completed(job: TrainingJob, data: dict) -> None:
     if job.status == S.TRAINING:
         _transition(job, S.FINALIZATION, reason="worker completed")
     _transition(job, S.COMPLETED, reason="worker completed", **fields)
-    from evaluation.services import validation_on_job_completed
-
-    validation_on_job_completed(job=job)  # enqueued on commit; never raises
+    hooks.announce_job_completed(job=job)  # evaluation: the automatic validation
 
 
 def training_job_validation_loss(

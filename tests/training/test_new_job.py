@@ -188,7 +188,7 @@ def test_a_refused_start_writes_nothing_and_says_why(training_file, monkeypatch,
     def refuse(**kwargs):
         raise Conflict("Starting this job would take November 2026 over its budget.")
 
-    monkeypatch.setattr("training.services.billing_hooks.before_start", refuse)
+    monkeypatch.setattr("training.services.hooks.before_start", refuse)
     client, _ = signed_in(Role.ENGINEER)
     response = client.post("/training/new/", form_data(training_file, action="start"))
     assert response.status_code == 409
@@ -220,7 +220,7 @@ def test_a_template_or_a_job_prefills_the_form(training_file, smollm, smoke):
 def test_admins_may_give_a_budget_override_reason(training_file, monkeypatch, no_launch):
     seen = []
     monkeypatch.setattr(
-        "training.services.billing_hooks.before_start",
+        "training.services.hooks.before_start",
         lambda *, job, user, override_reason="": seen.append(override_reason),
     )
     engineer, _ = signed_in(Role.ENGINEER)
