@@ -894,9 +894,9 @@ def _stream(
     finally:
         if stream is not None:
             stream.close()
-        if not finished and state.model is not None and not meta.cached:
-            # Ended early: charge what the provider produced before it stopped.
-            meta.prompt_tokens = state.prompt_est if meta.attempts else 0
+        if not finished and stream is not None and not meta.cached:
+            # Ended after the stream started: charge what the provider produced until then.
+            meta.prompt_tokens = state.prompt_est
             meta.completion_tokens = estimate_tokens("".join(text)) if text else 0
             meta.cost = call_cost(state.model, meta.prompt_tokens, meta.completion_tokens)
         _end(state)
