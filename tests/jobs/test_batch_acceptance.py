@@ -402,3 +402,18 @@ def test_a_task_runs_once_however_often_it_is_delivered(
             model_key=task.model_key,
             run=task.run,
         )
+
+
+def test_replication_package_recomputes_the_same_numbers(
+    narratives, json_model, django_capture_on_commit_callbacks, tmp_path
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        job = _create(narratives, [json_model.key], chunks=6, runs=3)
+    services.job_run_inline(job=job)
+    snapshot = results.stats_refresh(job_id=job.pk, force=True)
+    icc = [a for a in snapshot.data["agreement"] if a["statistic"] == "ICC2"]
+    assert icc and all(a["value"] is not None and a["n_units"] == 6 for a in icc)
+    package = results.replication_package(job)
+    assert package == results.replication_package(job)
+    out = _recompute(package, tmp_path)
+    assert "OK:" in out and "agreement.csv" in out
