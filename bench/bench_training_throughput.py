@@ -2,8 +2,13 @@
 
 Subject: the worker's setup (gpu.trainer): conversations packed best-fit-decreasing into rows
 of max_seq_length tokens, position ids restarting per conversation, no pad tokens.
-Baseline: TRL SFTTrainer with its default data path (no packing, no padding-free: each
-micro-batch padded to its longest conversation).
+Baselines, what a user would pick instead: TRL SFTTrainer with its default data path (no
+packing: each micro-batch padded to its longest conversation), and TRL's own ``packing=True``
+(its best-fit-decreasing packing, padding-free), the best ordinary configuration.
+
+Each configuration runs ROUNDS times (CRUCIBLE_BENCH_ROUNDS, default 3); the order of the three
+rotates every round, so none always runs first on a warm or cold machine; every figure is the
+median of the same number of runs.
 
 Same model (the offline SmolLM2-135M-Instruct, float32 LoRA on CPU), same tokenized data (the
 same assistant-only labels), same optimizer settings and number of steps, same process. Only
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +34,7 @@ BASELINE_BATCH = 6  # conversations per micro-batch, padded to the longest
 PACKED_BATCH = 2  # packed rows of MAX_SEQ_LENGTH tokens per micro-batch: about as many tokens
 CONVERSATIONS = 96
 SEED = 1234
+ROUNDS = int(os.environ.get("CRUCIBLE_BENCH_ROUNDS", "3"))
 
 TOPICS = [
     "a budget for a small bakery",
@@ -177,15 +184,15 @@ def main() -> None:
         torch.manual_seed(SEED)
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
-    with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
-        # Baseline: TRL's defaults for the data path (no packing, padded batches).
-        baseline_config = SFTConfig(
-            output_dir=f"{tmp}/baseline",
-            per_device_train_batch_size=BASELINE_BATCH,
+    def trl_config(out: str, *, packing: bool, batch: int):
+        return SFTConfig(
+            output_dir=out,
+            per_device_train_batch_size=batch,
             max_steps=STEPS + 1,
             learning_rate=hp.learning_rate,
             lr_scheduler_type=hp.lr_scheduler,
             max_length=MAX_SEQ_LENGTH,
+            packing=packing,
             seed=SEED,
             # Same compute settings as the worker on CPU, so only the batching differs:
             use_cpu=True,
@@ -196,25 +203,42 @@ def main() -> None:
             logging_steps=1,
             disable_tqdm=True,
         )
-        baseline_data = Dataset.from_dict(
-            {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
-        )
-        baseline = SFTTrainer(
+
+    trl_data = Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    )
+
+    def real_tokens(inputs) -> int:
+        # Padded batches carry an attention mask; padding-free packed rows have no pads.
+        if "attention_mask" in inputs:
+            return int(inputs["attention_mask"].sum())
+        return int(inputs["input_ids"].numel())
+
+    def trl_default(tmp: str):
+        trainer = SFTTrainer(
             model=fresh_model(),
-            args=baseline_config,
-            train_dataset=baseline_data,
+            args=trl_config(f"{tmp}/default", packing=False, batch=BASELINE_BATCH),
+            train_dataset=trl_data,
             processing_class=tokenizer,
             peft_config=lora_config(hp),
         )
-        assert not baseline.args.packing and not baseline.padding_free
-        baseline.remove_callback(PrinterCallback)
-        baseline_rate = _run(
-            f"TRL default, padded (batch {BASELINE_BATCH})",
-            baseline,
-            lambda inputs: int(inputs["attention_mask"].sum()),
-        )
-        del baseline
+        assert not trainer.args.packing and not trainer.padding_free
+        trainer.remove_callback(PrinterCallback)
+        return trainer, real_tokens
 
+    def trl_packing(tmp: str):
+        trainer = SFTTrainer(
+            model=fresh_model(),
+            args=trl_config(f"{tmp}/packing", packing=True, batch=PACKED_BATCH),
+            train_dataset=trl_data,
+            processing_class=tokenizer,
+            peft_config=lora_config(hp),
+        )
+        assert trainer.args.packing
+        trainer.remove_callback(PrinterCallback)
+        return trainer, real_tokens
+
+    def worker(tmp: str):
         config = build_sft_config(
             output_dir=f"{tmp}/worker",
             hp=hp,
@@ -222,7 +246,7 @@ def main() -> None:
             device="cpu",
             gradient_checkpointing=False,
         )
-        worker = build_trainer(
+        trainer = build_trainer(
             model=fresh_model(),
             tokenizer=tokenizer,
             train_rows=pack(examples, MAX_SEQ_LENGTH),
@@ -231,13 +255,33 @@ def main() -> None:
             peft_config=lora_config(hp),
             simulate_error="",
         )
-        worker_rate = _run(
-            f"worker, packed rows (batch {PACKED_BATCH}x{MAX_SEQ_LENGTH})",
-            worker,
-            lambda inputs: int(inputs[REAL_TOKENS_KEY]),
-        )
+        return trainer, lambda inputs: int(inputs[REAL_TOKENS_KEY])
 
-    print(f"ratio worker/baseline = {worker_rate / baseline_rate:.2f}x (target >= 1.5x)")
+    subjects = [
+        (f"TRL default, padded (batch {BASELINE_BATCH})", trl_default),
+        (f"TRL packing=True (batch {PACKED_BATCH}x{MAX_SEQ_LENGTH})", trl_packing),
+        (f"worker, packed rows (batch {PACKED_BATCH}x{MAX_SEQ_LENGTH})", worker),
+    ]
+    rates: dict[str, list[float]] = {label: [] for label, _ in subjects}
+    for round_ in range(ROUNDS):
+        order = subjects[round_ % 3 :] + subjects[: round_ % 3]  # rotate the order
+        print(f"round {round_ + 1}/{ROUNDS}: " + " -> ".join(label for label, _ in order))
+        for label, build in order:
+            with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
+                trainer, count = build(tmp)
+                rates[label].append(_run(label, trainer, count))
+                del trainer
+
+    medians = {label: statistics.median(values) for label, values in rates.items()}
+    (default_label, _), (packing_label, _), (worker_label, _) = subjects
+    for label, value in medians.items():
+        print(f"median of {ROUNDS}: {label:<36} {value:8.1f} tokens/s")
+    print(
+        f"ratio worker/TRL default = {medians[worker_label] / medians[default_label]:.2f}x; "
+        f"ratio worker/TRL packing=True = {medians[worker_label] / medians[packing_label]:.2f}x "
+        f"(target >= 1.5x against the best baseline); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
 
 
 if __name__ == "__main__":
