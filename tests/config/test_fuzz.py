@@ -86,7 +86,12 @@ def _run_operation(operation, mode, headers) -> tuple[int, str | None]:
     def run(case):
         count["n"] += 1
         try:
-            case.call_and_validate(headers=headers, excluded_checks=excluded)
+            case.call_and_validate(
+                headers=headers,
+                excluded_checks=excluded,
+                # A real server always sets the peer address (the token-guessing limit keys on it).
+                environ_base={"REMOTE_ADDR": "127.0.0.1"},
+            )
         except BaseExceptionGroup as failure:
             if mode is GenerationMode.NEGATIVE and _unknown_query_only(failure):
                 return
@@ -101,12 +106,14 @@ def _run_operation(operation, mode, headers) -> tuple[int, str | None]:
     return count["n"], None
 
 
-def _fuzz(schema, token: str) -> tuple[int, int, list[str]]:
+def _fuzz(schema, token: str, skip: frozenset = frozenset()) -> tuple[int, int, list[str]]:
     headers = {"Authorization": f"Token {token}"}
     operations = cases = 0
     failures: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.label in skip:
+            continue
         operations += 1
         for mode in MODES:
             n, failure = _run_operation(operation, mode, headers)
