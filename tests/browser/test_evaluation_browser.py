@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from config.templatetags.crucible import arrows
 from tests.browser.test_dashboard_browser import (  # noqa: F401 (fixtures)
     PASSWORD,
     _console_errors,
@@ -90,7 +91,8 @@ def test_dashboard_rating_approval_and_sharing(browser, live_server, grace, comp
     ]
     perplexity = cards[0].text
     assert "Pass" in perplexity and "95% CI" in perplexity
-    assert completed_run.metrics["perplexity"]["display"] in perplexity
+    # The page writes the stored figure with the UI's one arrow (the `arrows` filter).
+    assert arrows(completed_run.metrics["perplexity"]["display"]) in perplexity
     assert len(browser.find_elements(By.CSS_SELECTOR, ".example")) == 10
     assert _console_errors(browser) == []
     _full_page(browser, "evaluation-dashboard.png")
