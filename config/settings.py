@@ -489,9 +489,7 @@ GATEWAY_OFFLINE_DEVICE = env.str("GATEWAY_OFFLINE_DEVICE", default="auto")
 # under this folder (set before prometheus_client is imported anywhere). Clear it when all
 # processes are stopped (docs/runbook.md). /metrics wants `Authorization: Bearer METRICS_TOKEN`
 # or any signed-in user/API token. OTel exports only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-PROMETHEUS_MULTIPROC_DIR = env.str(
-    "PROMETHEUS_MULTIPROC_DIR", default=str(DATA_DIR / "prometheus")
-)
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default=str(DATA_DIR / "prometheus"))
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", PROMETHEUS_MULTIPROC_DIR)
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

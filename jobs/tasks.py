@@ -19,5 +19,6 @@ def refresh_gateway_models(provider_id: int | None = None) -> list[dict]:
             return []
     return [r.as_dict() for r in services.registry_refresh(provider=provider)]
 
+
 # Batch LLM jobs (issue 14): their tasks live in jobs/batch/tasks.py.
 from jobs.batch import tasks as batch_tasks  # noqa: E402,F401

@@ -4,15 +4,24 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('corpora', '0002_corpora_documents_chunks_exports'),
+        ("corpora", "0002_corpora_documents_chunks_exports"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='trainingfile',
-            name='format',
-            field=models.CharField(choices=[('crucible', 'Crucible'), ('openai_chat', 'OpenAI chat'), ('sharegpt', 'ShareGPT'), ('alpaca', 'Alpaca')], default='crucible', help_text="The file's format, detected on upload from its first record", max_length=16),
+            model_name="trainingfile",
+            name="format",
+            field=models.CharField(
+                choices=[
+                    ("crucible", "Crucible"),
+                    ("openai_chat", "OpenAI chat"),
+                    ("sharegpt", "ShareGPT"),
+                    ("alpaca", "Alpaca"),
+                ],
+                default="crucible",
+                help_text="The file's format, detected on upload from its first record",
+                max_length=16,
+            ),
         ),
     ]

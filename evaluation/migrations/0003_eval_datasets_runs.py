@@ -7,124 +7,265 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('evaluation', '0002_long_runs'),
+        ("evaluation", "0002_long_runs"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='EvalDataset',
+            name="EvalDataset",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=100)),
-                ('version', models.PositiveIntegerField()),
-                ('description', models.TextField(blank=True)),
-                ('sha256', models.CharField(max_length=64)),
-                ('size_bytes', models.PositiveBigIntegerField(default=0)),
-                ('sample_count', models.PositiveIntegerField(default=0)),
-                ('schema_version', models.CharField(default='1', max_length=8)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.SlugField(max_length=100)),
+                ("version", models.PositiveIntegerField()),
+                ("description", models.TextField(blank=True)),
+                ("sha256", models.CharField(max_length=64)),
+                ("size_bytes", models.PositiveBigIntegerField(default=0)),
+                ("sample_count", models.PositiveIntegerField(default=0)),
+                ("schema_version", models.CharField(default="1", max_length=8)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name', '-version'],
+                "ordering": ["name", "-version"],
             },
         ),
         migrations.CreateModel(
-            name='BatchEval',
+            name="BatchEval",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('name', models.CharField(blank=True, max_length=200)),
-                ('rubric', models.CharField(max_length=100)),
-                ('rubric_version', models.CharField(max_length=32)),
-                ('rubric_sha256', models.CharField(max_length=64)),
-                ('models_list', models.JSONField(default=list)),
-                ('runs', models.PositiveSmallIntegerField(default=1)),
-                ('frozen', models.JSONField(default=dict, help_text='Decoding, judge, code version, environment')),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='queued', max_length=16)),
-                ('item_count', models.PositiveIntegerField(default=0)),
-                ('aggregates', models.JSONField(blank=True, default=dict)),
-                ('error_message', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='batches', to='evaluation.evaldataset')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=200)),
+                ("rubric", models.CharField(max_length=100)),
+                ("rubric_version", models.CharField(max_length=32)),
+                ("rubric_sha256", models.CharField(max_length=64)),
+                ("models_list", models.JSONField(default=list)),
+                ("runs", models.PositiveSmallIntegerField(default=1)),
+                (
+                    "frozen",
+                    models.JSONField(
+                        default=dict, help_text="Decoding, judge, code version, environment"
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("item_count", models.PositiveIntegerField(default=0)),
+                ("aggregates", models.JSONField(blank=True, default=dict)),
+                ("error_message", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="batches",
+                        to="evaluation.evaldataset",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='EvalSample',
+            name="EvalSample",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('index', models.PositiveIntegerField(help_text='0-based position in the file')),
-                ('line', models.PositiveIntegerField(help_text='1-based line in the uploaded file')),
-                ('input', models.TextField()),
-                ('reference', models.TextField(blank=True)),
-                ('contexts', models.JSONField(blank=True, default=list)),
-                ('metadata', models.JSONField(blank=True, default=dict)),
-                ('dataset', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='samples', to='evaluation.evaldataset')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("index", models.PositiveIntegerField(help_text="0-based position in the file")),
+                (
+                    "line",
+                    models.PositiveIntegerField(help_text="1-based line in the uploaded file"),
+                ),
+                ("input", models.TextField()),
+                ("reference", models.TextField(blank=True)),
+                ("contexts", models.JSONField(blank=True, default=list)),
+                ("metadata", models.JSONField(blank=True, default=dict)),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="samples",
+                        to="evaluation.evaldataset",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['dataset', 'index'],
+                "ordering": ["dataset", "index"],
             },
         ),
         migrations.CreateModel(
-            name='EvalRun',
+            name="EvalRun",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('sample_index', models.PositiveIntegerField(blank=True, null=True)),
-                ('model_key', models.CharField(blank=True, max_length=300)),
-                ('run', models.PositiveSmallIntegerField(default=1)),
-                ('rubric', models.CharField(max_length=100)),
-                ('rubric_version', models.CharField(max_length=32)),
-                ('rubric_sha256', models.CharField(max_length=64)),
-                ('input', models.TextField()),
-                ('reference', models.TextField(blank=True)),
-                ('contexts', models.JSONField(blank=True, default=list)),
-                ('output', models.TextField(blank=True)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='queued', max_length=16)),
-                ('scores', models.JSONField(blank=True, default=dict)),
-                ('passed', models.BooleanField(null=True)),
-                ('failure', models.CharField(blank=True, choices=[('', 'None'), ('judge_refusal', 'Judge refusal'), ('invalid_output', 'Invalid output'), ('timeout', 'Timeout'), ('provider_error', 'Provider error'), ('below_threshold', 'Below threshold')], default='', max_length=20)),
-                ('error_message', models.TextField(blank=True)),
-                ('judge', models.JSONField(blank=True, default=dict)),
-                ('metadata', models.JSONField(blank=True, default=dict)),
-                ('latency_ms', models.FloatField(blank=True, null=True)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('cost', models.DecimalField(decimal_places=8, default=0, max_digits=14)),
-                ('attempts', models.PositiveSmallIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('batch', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='items', to='evaluation.batcheval')),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('dataset', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='evaluation.evaldataset')),
-                ('sample', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='evaluation.evalsample')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("sample_index", models.PositiveIntegerField(blank=True, null=True)),
+                ("model_key", models.CharField(blank=True, max_length=300)),
+                ("run", models.PositiveSmallIntegerField(default=1)),
+                ("rubric", models.CharField(max_length=100)),
+                ("rubric_version", models.CharField(max_length=32)),
+                ("rubric_sha256", models.CharField(max_length=64)),
+                ("input", models.TextField()),
+                ("reference", models.TextField(blank=True)),
+                ("contexts", models.JSONField(blank=True, default=list)),
+                ("output", models.TextField(blank=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("scores", models.JSONField(blank=True, default=dict)),
+                ("passed", models.BooleanField(null=True)),
+                (
+                    "failure",
+                    models.CharField(
+                        blank=True,
+                        choices=[
+                            ("", "None"),
+                            ("judge_refusal", "Judge refusal"),
+                            ("invalid_output", "Invalid output"),
+                            ("timeout", "Timeout"),
+                            ("provider_error", "Provider error"),
+                            ("below_threshold", "Below threshold"),
+                        ],
+                        default="",
+                        max_length=20,
+                    ),
+                ),
+                ("error_message", models.TextField(blank=True)),
+                ("judge", models.JSONField(blank=True, default=dict)),
+                ("metadata", models.JSONField(blank=True, default=dict)),
+                ("latency_ms", models.FloatField(blank=True, null=True)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("cost", models.DecimalField(decimal_places=8, default=0, max_digits=14)),
+                ("attempts", models.PositiveSmallIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "batch",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="items",
+                        to="evaluation.batcheval",
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "dataset",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="evaluation.evaldataset",
+                    ),
+                ),
+                (
+                    "sample",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="evaluation.evalsample",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.AddConstraint(
-            model_name='evaldataset',
-            constraint=models.UniqueConstraint(fields=('name', 'version'), name='eval_dataset_version'),
+            model_name="evaldataset",
+            constraint=models.UniqueConstraint(
+                fields=("name", "version"), name="eval_dataset_version"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='evalsample',
-            constraint=models.UniqueConstraint(fields=('dataset', 'index'), name='eval_sample_index'),
+            model_name="evalsample",
+            constraint=models.UniqueConstraint(
+                fields=("dataset", "index"), name="eval_sample_index"
+            ),
         ),
         migrations.AddIndex(
-            model_name='evalrun',
-            index=models.Index(fields=['batch', 'status'], name='eval_run_batch_status'),
+            model_name="evalrun",
+            index=models.Index(fields=["batch", "status"], name="eval_run_batch_status"),
         ),
         migrations.AddIndex(
-            model_name='evalrun',
-            index=models.Index(fields=['batch', 'failure'], name='eval_run_batch_failure'),
+            model_name="evalrun",
+            index=models.Index(fields=["batch", "failure"], name="eval_run_batch_failure"),
         ),
     ]

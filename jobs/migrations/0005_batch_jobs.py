@@ -7,126 +7,268 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('corpora', '0004_knowledge_bases'),
-        ('jobs', '0004_serving_profiles_responses_feedback'),
+        ("corpora", "0004_knowledge_bases"),
+        ("jobs", "0004_serving_profiles_responses_feedback"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Framework',
+            name="Framework",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=63, unique=True)),
-                ('title', models.CharField(max_length=200)),
-                ('description', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.SlugField(max_length=63, unique=True)),
+                ("title", models.CharField(max_length=200)),
+                ("description", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='BatchJob',
+            name="BatchJob",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('name', models.CharField(max_length=200)),
-                ('status', models.CharField(choices=[('running', 'Running'), ('paused', 'Paused'), ('completed', 'Completed'), ('failed', 'Completed with failures'), ('cancelled', 'Cancelled')], default='running', max_length=16)),
-                ('selection', models.JSONField(default=dict, help_text='What was asked: ids or a filter')),
-                ('frozen', models.JSONField(default=dict, help_text='Framework versions and hashes, model ids and revisions, decoding, runs, code version, chunk ids with their text hashes')),
-                ('parameters_sha256', models.CharField(help_text='Hash of the frozen parameters', max_length=64)),
-                ('runs', models.PositiveSmallIntegerField()),
-                ('task_count', models.PositiveIntegerField(default=0)),
-                ('estimate_prompt_tokens', models.PositiveBigIntegerField(default=0)),
-                ('estimate_completion_tokens', models.PositiveBigIntegerField(default=0)),
-                ('estimate_cost', models.DecimalField(decimal_places=8, default=0, max_digits=14)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('corpus', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='batch_jobs', to='corpora.corpus')),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("running", "Running"),
+                            ("paused", "Paused"),
+                            ("completed", "Completed"),
+                            ("failed", "Completed with failures"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="running",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "selection",
+                    models.JSONField(default=dict, help_text="What was asked: ids or a filter"),
+                ),
+                (
+                    "frozen",
+                    models.JSONField(
+                        default=dict,
+                        help_text="Framework versions and hashes, model ids and revisions, decoding, runs, code version, chunk ids with their text hashes",
+                    ),
+                ),
+                (
+                    "parameters_sha256",
+                    models.CharField(help_text="Hash of the frozen parameters", max_length=64),
+                ),
+                ("runs", models.PositiveSmallIntegerField()),
+                ("task_count", models.PositiveIntegerField(default=0)),
+                ("estimate_prompt_tokens", models.PositiveBigIntegerField(default=0)),
+                ("estimate_completion_tokens", models.PositiveBigIntegerField(default=0)),
+                ("estimate_cost", models.DecimalField(decimal_places=8, default=0, max_digits=14)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "corpus",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="batch_jobs",
+                        to="corpora.corpus",
+                    ),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='BatchStats',
+            name="BatchStats",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tasks_done', models.PositiveIntegerField(default=0)),
-                ('data', models.JSONField(default=dict)),
-                ('computed_at', models.DateTimeField(auto_now=True)),
-                ('job', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='stats', to='jobs.batchjob')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tasks_done", models.PositiveIntegerField(default=0)),
+                ("data", models.JSONField(default=dict)),
+                ("computed_at", models.DateTimeField(auto_now=True)),
+                (
+                    "job",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="stats",
+                        to="jobs.batchjob",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='FrameworkVersion',
+            name="FrameworkVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('version', models.CharField(max_length=32)),
-                ('sha256', models.CharField(max_length=64)),
-                ('content', models.JSONField()),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('framework', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='jobs.framework')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("version", models.CharField(max_length=32)),
+                ("sha256", models.CharField(max_length=64)),
+                ("content", models.JSONField()),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "framework",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="jobs.framework",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['framework__name', '-created_at'],
+                "ordering": ["framework__name", "-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='BatchTask',
+            name="BatchTask",
             fields=[
-                ('heartbeat_at', models.DateTimeField(blank=True, db_index=True, help_text='Last sign of life of its worker', null=True)),
-                ('claimed_by', models.CharField(blank=True, help_text='host:pid:token of the worker that runs it', max_length=200)),
-                ('attempts', models.PositiveIntegerField(default=0, help_text='Times a worker started it')),
-                ('id', models.CharField(max_length=40, primary_key=True, serialize=False)),
-                ('model_key', models.CharField(max_length=300)),
-                ('run', models.PositiveSmallIntegerField()),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='pending', max_length=16)),
-                ('dispatch_token', models.CharField(blank=True, max_length=32)),
-                ('not_before', models.DateTimeField(blank=True, help_text='Retry after (backoff)', null=True)),
-                ('repairs', models.PositiveSmallIntegerField(default=0, help_text='Re-asks after invalid JSON')),
-                ('calls', models.PositiveSmallIntegerField(default=0, help_text='Gateway calls made')),
-                ('latency_ms', models.FloatField(blank=True, null=True)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('cost', models.DecimalField(decimal_places=8, default=0, max_digits=14)),
-                ('raw_output', models.TextField(blank=True)),
-                ('parsed_output', models.JSONField(blank=True, null=True)),
-                ('validation_errors', models.JSONField(blank=True, default=list)),
-                ('error_code', models.CharField(blank=True, max_length=64)),
-                ('error_message', models.TextField(blank=True)),
-                ('model_revision', models.CharField(blank=True, max_length=200)),
-                ('response_id', models.CharField(blank=True, max_length=200)),
-                ('queued_at', models.DateTimeField(blank=True, null=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('chunk', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='corpora.chunk')),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='tasks', to='jobs.batchjob')),
-                ('framework_version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='jobs.frameworkversion')),
+                (
+                    "heartbeat_at",
+                    models.DateTimeField(
+                        blank=True,
+                        db_index=True,
+                        help_text="Last sign of life of its worker",
+                        null=True,
+                    ),
+                ),
+                (
+                    "claimed_by",
+                    models.CharField(
+                        blank=True,
+                        help_text="host:pid:token of the worker that runs it",
+                        max_length=200,
+                    ),
+                ),
+                (
+                    "attempts",
+                    models.PositiveIntegerField(default=0, help_text="Times a worker started it"),
+                ),
+                ("id", models.CharField(max_length=40, primary_key=True, serialize=False)),
+                ("model_key", models.CharField(max_length=300)),
+                ("run", models.PositiveSmallIntegerField()),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("dispatch_token", models.CharField(blank=True, max_length=32)),
+                (
+                    "not_before",
+                    models.DateTimeField(blank=True, help_text="Retry after (backoff)", null=True),
+                ),
+                (
+                    "repairs",
+                    models.PositiveSmallIntegerField(
+                        default=0, help_text="Re-asks after invalid JSON"
+                    ),
+                ),
+                (
+                    "calls",
+                    models.PositiveSmallIntegerField(default=0, help_text="Gateway calls made"),
+                ),
+                ("latency_ms", models.FloatField(blank=True, null=True)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("cost", models.DecimalField(decimal_places=8, default=0, max_digits=14)),
+                ("raw_output", models.TextField(blank=True)),
+                ("parsed_output", models.JSONField(blank=True, null=True)),
+                ("validation_errors", models.JSONField(blank=True, default=list)),
+                ("error_code", models.CharField(blank=True, max_length=64)),
+                ("error_message", models.TextField(blank=True)),
+                ("model_revision", models.CharField(blank=True, max_length=200)),
+                ("response_id", models.CharField(blank=True, max_length=200)),
+                ("queued_at", models.DateTimeField(blank=True, null=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "chunk",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="corpora.chunk",
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="tasks",
+                        to="jobs.batchjob",
+                    ),
+                ),
+                (
+                    "framework_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="jobs.frameworkversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.AddConstraint(
-            model_name='frameworkversion',
-            constraint=models.UniqueConstraint(fields=('framework', 'version'), name='batch_framework_version'),
+            model_name="frameworkversion",
+            constraint=models.UniqueConstraint(
+                fields=("framework", "version"), name="batch_framework_version"
+            ),
         ),
         migrations.AddIndex(
-            model_name='batchtask',
-            index=models.Index(fields=['job', 'model_key', 'status'], name='batch_task_dispatch'),
+            model_name="batchtask",
+            index=models.Index(fields=["job", "model_key", "status"], name="batch_task_dispatch"),
         ),
         migrations.AddIndex(
-            model_name='batchtask',
-            index=models.Index(fields=['status', 'heartbeat_at'], name='batch_task_stale'),
+            model_name="batchtask",
+            index=models.Index(fields=["status", "heartbeat_at"], name="batch_task_stale"),
         ),
         migrations.AddConstraint(
-            model_name='batchtask',
-            constraint=models.UniqueConstraint(fields=('job', 'chunk', 'framework_version', 'model_key', 'run'), name='batch_task_one_per_combination'),
+            model_name="batchtask",
+            constraint=models.UniqueConstraint(
+                fields=("job", "chunk", "framework_version", "model_key", "run"),
+                name="batch_task_one_per_combination",
+            ),
         ),
     ]

@@ -32,9 +32,14 @@ def json_log():
     handler.addFilter(RequestContextFilter())
     handler.addFilter(RedactSecretsFilter())
     root = logging.getLogger()
+    # An earlier in-process Celery worker (or any library) may have raised the root level; the
+    # production level is INFO, so the capture runs at INFO and restores what it found.
+    level = root.level
+    root.setLevel(logging.INFO)
     root.addHandler(handler)
     yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
     root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def test_every_request_logs_one_json_access_line(api_as, json_log):

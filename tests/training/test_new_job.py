@@ -76,7 +76,9 @@ def test_the_form_starts_with_the_newest_ready_file_balanced_and_an_estimate(tra
         assert f'<span class="preset-name">{preset}</span>' in html
     assert "Best for:" in html and "242-conversation" not in html
     # Each card quotes the chosen file's figures, not the seed dataset's (test_small_fixes).
-    assert re.search(r'id="preset-figures-balanced"[^>]*><strong>On advisor:</strong> \d+ step', html)
+    assert re.search(
+        r'id="preset-figures-balanced"[^>]*><strong>On advisor:</strong> \d+ step', html
+    )
     assert 'data-estimate="duration"' in html and "No provider charge" in html
     assert "Validated: 6 conversations" in html
     # Advanced overrides behind a toggle, each with its help text.
