@@ -7,6 +7,7 @@ Import the fixtures you need: ``from tests.evaluation.core_fixtures import compl
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -88,6 +89,14 @@ def fast_settings(settings):
     return settings
 
 
+@functools.cache
+def _retention_order() -> dict[str, int]:
+    """Question id -> its place in the retention suite (parsed and validated once per process)."""
+    from evaluation.suites import load_suite
+
+    return {q["id"]: i for i, q in enumerate(load_suite("knowledge_retention").items)}
+
+
 class FakeScoring:
     """Stands in for evaluation.scoring: deterministic, instant, with a visible effect of the
     adapter (lower NLL, kinder replies that the judge scores higher)."""
@@ -118,10 +127,8 @@ class FakeScoring:
 
     def option_logliks(self, models, questions, *, use_adapter):
         self.calls.append(("option_logliks", use_adapter))
-        from evaluation.suites import load_suite
-
         # The question's place in the suite (the service asks one question at a time).
-        order = {q["id"]: i for i, q in enumerate(load_suite("knowledge_retention").items)}
+        order = _retention_order()
         out = []
         for q in questions:
             i = order[q["id"]]
