@@ -148,3 +148,19 @@ def fetch_download(response) -> bytes:
             return remote.read()
     assert response.status_code == 200, response.content
     return b"".join(response.streaming_content)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_shared_cache():
+    """Each test starts with an empty shared cache where it outlives the test's transaction.
+
+    Embedded, the cache is a database table rolled back with each test; in production mode it is
+    Redis, so the gateway's stored answers, breaker states and rate windows of one test would
+    otherwise answer the next (a cached reply costs 0 and is never refused by the budget).
+    """
+    from django.core.cache import caches
+
+    cache = caches["default"]
+    if "redis" in type(cache).__module__:
+        cache.clear()
+    yield

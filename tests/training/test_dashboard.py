@@ -155,7 +155,12 @@ def test_notes_and_tags_are_editable_by_engineers_only(spread):
     page = html_of(viewer.get(f"/training/{job.pk}/"))
     assert "Notes and tags" in page and url not in page
     assert viewer.post(url, {"notes": "x", "tags": "y"}).status_code == 403
-    engineer, _ = signed_in(Role.ENGINEER)
+    # Another engineer reads the job but changes only what they created (object permissions).
+    other, _ = signed_in(Role.ENGINEER)
+    assert url not in html_of(other.get(f"/training/{job.pk}/"))
+    assert other.post(url, {"notes": "x", "tags": "y"}).status_code == 403
+    engineer, owner = signed_in(Role.ENGINEER)
+    TrainingJob.objects.filter(pk=job.pk).update(created_by=owner)
     assert url in html_of(engineer.get(f"/training/{job.pk}/"))
     response = engineer.post(
         url, {"notes": "LR too high?", "tags": "Sweep, lr-test, sweep"}, headers=HTMX
