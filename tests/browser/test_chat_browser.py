@@ -50,7 +50,12 @@ def stand_in(monkeypatch):
 
     from django.apps import apps
 
-    from jobs.gateway.providers import OfflineProvider, ProviderCallError, ProviderResponse
+    from jobs.gateway.providers import (
+        BaseProvider,
+        OfflineProvider,
+        ProviderCallError,
+        ProviderResponse,
+    )
     from jobs.models import GatewaySettings, RegisteredModel
 
     migration = importlib.import_module("jobs.migrations.0002_offline_provider")
@@ -86,6 +91,8 @@ def stand_in(monkeypatch):
         return ProviderResponse(body, 31, 14)
 
     monkeypatch.setattr(OfflineProvider, "chat", chat)
+    # The page streams: the stand-in's answer replayed as chunks (the base provider's way).
+    monkeypatch.setattr(OfflineProvider, "chat_stream", BaseProvider.chat_stream)
     monkeypatch.setattr(OfflineProvider, "prompt_tokens", lambda self, model, request: 31)
     return state
 
