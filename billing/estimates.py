@@ -54,7 +54,8 @@ The model
   is further stretched by ``BILLING_LOCAL_CONTENTION_ALLOWANCE`` x the point (0.5 by
   default: half as long again). A history measured under such load overstates the next
   quiet run by up to the same factor, so a history-based local low end is divided by
-  (1 + allowance); a prior-based one is not (the prior was measured on a quiet machine).
+  (1 + allowance); so is a prior-based one, since the user's CPU may be that much faster than
+  the one the prior was measured on.
 
 While a job trains, ``reestimate_running`` measures the job's own speed: its measured time
 in training so far against what the model predicted for the steps it has done; that ratio
@@ -536,10 +537,12 @@ def estimate(
     }
     # The local executor shares its CPU: a run can be slower than a quiet one, so the high end
     # gets the allowance. A history measured under such load can make the next (quieter) run
-    # faster than its history by the same factor, so a history-based low end is divided by it;
-    # the prior is calibrated on a quiet machine and keeps its low end.
+    # faster than its history by the same factor, so a history-based low end is divided by it.
+    # The prior was calibrated on one quiet 2-core machine; the user's CPU can be that much
+    # faster (CI's ran a prior-estimated Smoke job in 0.58x the prior's point), so a prior-based
+    # local low end is divided by it too.
     contention = conf.local_contention_allowance() if executor == "local" else 0.0
-    low_divisor = 1 + contention if basis == "history" else 1.0
+    low_divisor = 1 + contention
 
     def durations(with_spot: bool) -> dict:
         extra_point = recovery["point"] if with_spot else 0.0

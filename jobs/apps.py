@@ -1,11 +1,30 @@
 from django.apps import AppConfig
 
 
+def ensure_offline_provider(sender=None, **kwargs) -> None:
+    """The offline provider and its two models, created when missing.
+
+    The data migration registered them first; this runs after every ``migrate`` and every
+    database flush (post_migrate), so a flushed database (a test's, or an operator's
+    ``flush``) still serves the offline model. Existing rows are never changed.
+    """
+    import importlib
+
+    from django.apps import apps
+
+    seed = importlib.import_module("jobs.migrations.0002_offline_provider")
+    seed.register(apps, None)
+
+
 class JobsConfig(AppConfig):
     name = "jobs"
     verbose_name = "Batch LLM jobs"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_migrate
+
+        post_migrate.connect(ensure_offline_provider, sender=self, dispatch_uid="jobs-offline")
+
         # The gateway's circuit breakers on /readyz and the dashboard (config imports no app).
         from config.health import register_status
         from jobs.services import gateway_status
