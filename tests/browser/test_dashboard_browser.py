@@ -129,6 +129,10 @@ def _sign_in(browser, live_server, username: str, password: str) -> None:
     form.find_element(By.NAME, "username").send_keys(username)
     form.find_element(By.NAME, "password").send_keys(password)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    # Wait for the sign-in to land: a `get` issued while the POST is in flight aborts it, and
+    # the next page then redirects to the login form (seen in CI as a timeout on a later wait).
+    _wait(browser).until(ec.staleness_of(form))
+    _wait(browser).until(lambda b: b.execute_script("return document.readyState") == "complete")
 
 
 def _shoot(browser, name: str) -> Path:
