@@ -324,29 +324,15 @@ def test_the_pod_resumes_through_get_urls_of_every_file_of_the_newest_complete_c
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_a_runpod_job_completes_with_grants_alone(policy_s3, loopback):  # noqa: F811
-    """The real worker in a loopback pod, S3 behind the policy front, no keys in its env."""
-    from tests.training.test_runpod_recovery import TINY, runpod_job, wait_for
-    from training.models import JobStatus
-
-    job = runpod_job(spot=False, name="grants")
-    pod = loopback.pods[job.executor_ref]
-    assert not any(k.startswith("AWS_") for k in pod.env), sorted(pod.env)
-    job = wait_for(loopback, job.pk, lambda j: j.is_terminal, timeout=400)
-    assert job.status == JobStatus.COMPLETED, (job.error_type, job.error_message)
-    assert job.current_step == TINY["max_steps"]
-    stored = storage_tree(storage_path_from_uri(job.output_uri))
-    assert "adapter/adapter_model.safetensors" in stored
-    assert any(k.startswith("checkpoints/step-") for k in stored)
-    assert not policy_s3["front"].refused, policy_s3["front"].refused
-
-
-@pytest.mark.slow
-@pytest.mark.django_db(transaction=True)
 def test_a_preempted_pod_resumes_from_its_checkpoint_through_get_urls(policy_s3, loopback):  # noqa: F811
-    """Preempted after its first checkpoint, the relaunched pod resumes from it with the
-    presigned GET URLs alone (it cannot list or read the bucket) and completes."""
+    """The real worker in a loopback pod, S3 behind the policy front, no keys in its env.
+
+    Preempted after its first checkpoint, the relaunched pod resumes from it with the
+    presigned GET URLs alone (it cannot list or read the bucket) and completes, having
+    written only under its own prefix. (One run covers both the plain completion with grants
+    and the resume: a second, unpreempted run would add two minutes and no claim.)"""
     from tests.training.test_runpod_recovery import (
+        TINY,
         newest_complete_checkpoint,
         runpod_job,
         wait_for,
@@ -354,10 +340,23 @@ def test_a_preempted_pod_resumes_from_its_checkpoint_through_get_urls(policy_s3,
     from training.models import JobStatus, WebhookEvent
 
     job = runpod_job(spot=True, name="grants-resume")
+    pod = loopback.pods[job.executor_ref]
+    assert not any(k.startswith("AWS_") for k in pod.env), sorted(pod.env)
     job = wait_for(loopback, job.pk, lambda j: j.checkpoints.exists() or j.is_terminal)
     assert not job.is_terminal, (job.error_type, job.error_message)
-    loopback.preempt(job.executor_ref, mode="gone")
+    first_pod = job.executor_ref
+    loopback.preempt(first_pod, mode="gone")
     killed_at = newest_complete_checkpoint(job)
+    job = wait_for(
+        loopback,
+        job.pk,
+        lambda j: (
+            j.is_terminal or (j.executor_ref != first_pod and j.executor_ref in loopback.pods)
+        ),
+    )
+    if not job.is_terminal:  # the relaunched pod got grants, not keys, too
+        relaunched = loopback.pods[job.executor_ref]
+        assert not any(k.startswith("AWS_") for k in relaunched.env), sorted(relaunched.env)
     job = wait_for(loopback, job.pk, lambda j: j.is_terminal, timeout=400)
     assert job.status == JobStatus.COMPLETED, (job.error_type, job.error_message)
     checks = [
@@ -365,4 +364,8 @@ def test_a_preempted_pod_resumes_from_its_checkpoint_through_get_urls(policy_s3,
         for e in WebhookEvent.objects.filter(job=job, type="resume_check").order_by("received_at")
     ]
     assert [c["resumed_from_step"] for c in checks] == [killed_at] and checks[0]["passed"]
+    assert job.current_step == TINY["max_steps"]
+    stored = storage_tree(storage_path_from_uri(job.output_uri))
+    assert "adapter/adapter_model.safetensors" in stored
+    assert any(k.startswith("checkpoints/step-") for k in stored)
     assert not policy_s3["front"].refused, policy_s3["front"].refused
