@@ -15,14 +15,13 @@ schemas/evaluation/, and a lock file recording each suite's version and content 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from config import versionlock
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "evaluation"
@@ -32,7 +31,6 @@ BUMP_HINT = (
     "raise its version: `python manage.py suites_lock --bump patch {name}` (or minor/major), "
     "which rewrites the version and records it in evaluation/suites/VERSIONS.lock.json"
 )
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 
 
 class SuiteError(ValueError):
@@ -78,9 +76,7 @@ class Suite:
         return {}
 
 
-def content_sha256(data: Any) -> str:
-    canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+content_sha256 = versionlock.content_sha256
 
 
 def _pointer(parts) -> str:
@@ -174,58 +170,35 @@ def all_suites(*, suites_dir: str | Path | None = None) -> dict[str, Suite]:
 
 
 # ------------------------------------------------------------------ version lock
+# The lock rules (canonical hash, versions only go up, history) are config/versionlock.py's,
+# shared with the batch frameworks and the rubrics; suites keep their file and section name.
+
+
+def _lock_path(suites_dir: str | Path | None) -> Path:
+    return Path(suites_dir or SUITES_DIR) / LOCK_FILE
+
+
+def _items(suites_dir: str | Path | None) -> dict[str, tuple[str, str]]:
+    return {n: (s.version, s.sha256) for n, s in all_suites(suites_dir=suites_dir).items()}
 
 
 def read_lock(suites_dir: str | Path | None = None) -> dict:
-    path = Path(suites_dir or SUITES_DIR) / LOCK_FILE
-    if not path.is_file():
-        return {"suites": {}}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return versionlock.read_lock(_lock_path(suites_dir), "suites")
 
 
 def check_lock(*, suites_dir: str | Path | None = None) -> list[str]:
     """Problems between the suite files and the lock (empty when everything is locked)."""
-    lock = read_lock(suites_dir).get("suites", {})
-    problems = []
-    for name, suite in all_suites(suites_dir=suites_dir).items():
-        entry = lock.get(name)
-        hint = BUMP_HINT.format(name=name)
-        if entry is None:
-            problems.append(f"Suite {name!r} {suite.version} is not in the lock file; {hint}.")
-        elif suite.version == entry["version"] and suite.sha256 != entry["sha256"]:
-            problems.append(
-                f"Suite {name!r} changed but its version is still {suite.version}; {hint}."
-            )
-        elif suite.version != entry["version"]:
-            if _semver(suite.version) <= _semver(entry["version"]):
-                problems.append(
-                    f"Suite {name!r} version {suite.version} is not above the locked "
-                    f"{entry['version']}; versions only go up."
-                )
-            else:
-                problems.append(
-                    f"Suite {name!r} version {suite.version} is not recorded in the lock "
-                    f"(locked: {entry['version']}); run `python manage.py suites_lock`."
-                )
-    return problems
-
-
-def _semver(version: str) -> tuple[int, int, int]:
-    match = _SEMVER.match(version)
-    if not match:
-        raise SuiteError(f"not a semantic version: {version!r}", pointer="/version")
-    return tuple(int(x) for x in match.groups())  # type: ignore[return-value]
+    problems = versionlock.check_lock(
+        _items(suites_dir), path=_lock_path(suites_dir), section="suites", hint=BUMP_HINT
+    )
+    return [f"Suite {problem}" for problem in problems]
 
 
 def bump_version(version: str, part: str) -> str:
-    major, minor, patch = _semver(version)
-    if part == "major":
-        return f"{major + 1}.0.0"
-    if part == "minor":
-        return f"{major}.{minor + 1}.0"
-    if part == "patch":
-        return f"{major}.{minor}.{patch + 1}"
-    raise ValueError(f"unknown version part {part!r} (major, minor or patch)")
+    try:
+        return versionlock.bump_version(version, part)
+    except versionlock.LockError as exc:
+        raise SuiteError(str(exc), pointer="/version") from exc
 
 
 def write_lock(
@@ -235,8 +208,6 @@ def write_lock(
     version and hash. Refuses (SuiteError) a suite whose content changed without a new version.
     Returns what it did, one line per suite."""
     directory = Path(suites_dir or SUITES_DIR)
-    lock = read_lock(directory)
-    entries = lock.setdefault("suites", {})
     done = []
     for name, part in (bump or {}).items():
         suite = load_suite(name, suites_dir=directory)
@@ -245,45 +216,18 @@ def write_lock(
         path = directory / f"{name}.json"
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         done.append(f"{name}: version {suite.version} -> {data['version']}")
-    for name, suite in all_suites(suites_dir=directory).items():
-        entry = entries.get(name)
-        if entry and entry["version"] == suite.version:
-            if entry["sha256"] != suite.sha256:
-                raise SuiteError(
-                    f"Suite {name!r} changed but its version is still {suite.version}; "
-                    + BUMP_HINT.format(name=name),
-                    path=suite.path,
-                    pointer="/version",
-                )
-            done.append(f"{name}: {suite.version} unchanged")
-            continue
-        if entry and _semver(suite.version) <= _semver(entry["version"]):
-            raise SuiteError(
-                f"version {suite.version} is not above the locked {entry['version']}",
-                path=suite.path,
-                pointer="/version",
-            )
-        history = (entry or {}).get("history", [])
-        history.append(
-            {
-                "version": suite.version,
-                "sha256": suite.sha256,
-                "locked_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            }
+    try:
+        done += versionlock.write_lock(
+            _items(directory), path=_lock_path(directory), section="suites", hint=BUMP_HINT
         )
-        entries[name] = {"version": suite.version, "sha256": suite.sha256, "history": history}
-        done.append(f"{name}: locked {suite.version}")
-    (directory / LOCK_FILE).write_text(json.dumps(lock, indent=2) + "\n", encoding="utf-8")
+    except versionlock.LockError as exc:
+        raise SuiteError(f"Suite {exc}", pointer="/version") from exc
     return done
 
 
 def locked_sha256(name: str, version: str, *, suites_dir: str | Path | None = None) -> str | None:
     """The content hash a past version of a suite had (from the lock history), if recorded."""
-    entry = read_lock(suites_dir).get("suites", {}).get(name, {})
-    for row in entry.get("history", []):
-        if row["version"] == version:
-            return row["sha256"]
-    return None
+    return versionlock.locked_sha256(name, version, path=_lock_path(suites_dir), section="suites")
 
 
 def conversation_for(suite: Suite, item: dict) -> list[dict]:
