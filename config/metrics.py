@@ -184,3 +184,16 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 def mark_process_dead(pid: int | None = None) -> None:
     """Drop a finished process's live gauges (call on worker exit)."""
     multiprocess.mark_process_dead(pid or os.getpid())
+
+
+def reset_dir() -> int:
+    """Delete every process's metric files: call only when no web or worker process is running
+    (the demo supervisor does, before it starts its children), since multiprocess counters of
+    processes that no longer exist are otherwise summed in forever. Returns the files deleted."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    deleted = 0
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
+            deleted += 1
+    return deleted

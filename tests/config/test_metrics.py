@@ -145,3 +145,16 @@ def test_multiprocess_directory_is_under_the_data_dir(settings):
 
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == settings.PROMETHEUS_MULTIPROC_DIR
     assert metrics.registry() is not None
+
+
+def test_reset_dir_deletes_the_metric_files_of_earlier_processes(tmp_path, monkeypatch):
+    """The demo supervisor clears the multiprocess folder before it starts its processes, so
+    counters of processes from earlier runs are not summed in forever."""
+    from config import metrics
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    (tmp_path / "counter_4242.db").write_bytes(b"x")
+    (tmp_path / "histogram_4242.db").write_bytes(b"x")
+    (tmp_path / "README").write_text("kept")
+    assert metrics.reset_dir() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README"]

@@ -291,6 +291,10 @@ class Command(BaseCommand):
 
         state_file = run_dir / "demo.json"
         _stop_stale(state_file, self.stdout)
+        # Nothing of the platform runs now: the metric files of earlier runs' processes go.
+        from config.metrics import reset_dir
+
+        reset_dir()
         _become_subreaper()
 
         url = os.environ.get("CRUCIBLE_PUBLIC_URL") or public_url(host, port)
