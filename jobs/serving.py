@@ -635,7 +635,8 @@ def adapter_register_on_completion(*, job_id) -> RegisteredModel | None:
     if job is None:
         return None
     try:
-        model = adapter_model_register(job=job)
+        with transaction.atomic():  # a savepoint: a failed registration leaves the rest intact
+            model = adapter_model_register(job=job)
     except Exception:
         logger.exception("adapter of job %s not registered", job_id)
         return None
@@ -645,10 +646,12 @@ def adapter_register_on_completion(*, job_id) -> RegisteredModel | None:
 
 def on_job_transition(sender, instance, created, **kwargs) -> None:
     """post_save of training.JobTransition: a job that became completed gets its adapter
-    registered once the transaction commits."""
+    registered in the same transaction (its adapter artifact is stored before the transition),
+    so whoever sees the job completed also finds its model in /v1/models. Registered after
+    the commit instead, a client polling the job could list the models in between (seen: the
+    listing 2 ms before the registration)."""
     if created and instance.to_status == "completed":
-        job_id = instance.job_id
-        transaction.on_commit(lambda: adapter_register_on_completion(job_id=job_id))
+        adapter_register_on_completion(job_id=instance.job_id)
 
 
 # --- Feedback -------------------------------------------------------------------------------------
