@@ -23,6 +23,8 @@ class BillingConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(_ensure_prices, sender=self, dispatch_uid="billing-prices")
-        from billing import hooks  # subscribes to training's announcements (training/hooks.py)
+        # Subscribes to training's announcements and registers the cost figures its pages
+        # show (training/hooks.py: training never imports billing).
+        from billing import hooks
 
         hooks.connect()

@@ -23,6 +23,7 @@ BILLING_ATTRIBUTION_PREFIXES      ("client:", "project:")  tags that attribute s
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 
 from django.conf import settings
@@ -51,6 +52,14 @@ def alert_thresholds() -> list[dict]:
 
 def hard_cap_percent() -> int:
     return int(_get("BILLING_HARD_CAP_PERCENT", 100))
+
+
+def alert_delivery_lease_s() -> float:
+    """How long one process holds a budget alert it is delivering before another may take
+    it over (the first was killed mid-delivery): longer than a delivery's retries."""
+    return float(
+        _get("BILLING_ALERT_DELIVERY_LEASE_S", os.environ.get("BILLING_ALERT_DELIVERY_LEASE_S", 60))
+    )
 
 
 def variance_alert_percent() -> float:
@@ -82,7 +91,10 @@ def local_gpu_type() -> str:
 
 
 def runpod_gpu_type() -> str:
-    return _get("BILLING_RUNPOD_GPU_TYPE", "h100-pcie-80gb")
+    """The GPU type RunPod launches for jobs that name none (training.conf reads it)."""
+    from training import conf as training_conf
+
+    return training_conf.runpod_gpu_type()
 
 
 def attribution_prefixes() -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""How billing answers training (training/hooks.py announces; connect() subscribes these)."""
+"""How billing answers training (training/hooks.py announces; connect() subscribes these and
+lends training's pages billing's cost figures through ``Pricing``)."""
 
 from __future__ import annotations
 
@@ -66,9 +67,47 @@ def job_finished(*, job) -> None:
     transaction.on_commit(enqueue)
 
 
+class Pricing:
+    """Billing's cost figures on training's new-job form and job page (training/hooks.py's
+    ``Pricing``: training renders what these return and never imports billing)."""
+
+    @staticmethod
+    def gpu_types():
+        from billing.models import GpuPrice
+
+        return GpuPrice.objects.filter(is_active=True).exclude(gpu_type__startswith="cpu")
+
+    @staticmethod
+    def estimate(**configuration):
+        from billing.services import cost_estimate
+
+        return cost_estimate(**configuration)
+
+    @staticmethod
+    def job_cost(*, job_id) -> dict:
+        from billing.services import job_cost_detail
+
+        return job_cost_detail(job_id=job_id)
+
+    @staticmethod
+    def money_text(low: float, high: float) -> str:
+        from billing.estimates import money_text
+
+        return money_text(low, high)
+
+    @staticmethod
+    def range_text(low_s: float, high_s: float) -> str:
+        from billing.estimates import range_text
+
+        return range_text(low_s, high_s)
+
+
 def connect() -> None:
-    """Subscribe to training's announcements (training/hooks.py); called by BillingConfig."""
+    """Subscribe to training's announcements and lend its pages the cost figures
+    (training/hooks.py); called by BillingConfig.ready()."""
     from training import hooks as training
+
+    training.register_pricing(Pricing())
 
     training.estimate_requested.connect(
         lambda sender, job, **kw: estimate_for_job(job=job), weak=False, dispatch_uid="billing-est"

@@ -17,11 +17,11 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
+from config import llm
 from config.errors import CrucibleError
 from config.views import dashboard_view
 from corpora.models import Corpus, KnowledgeBase
 from corpora.rag import services
-from jobs import gateway
 
 LIVE_REFRESH_S = 2
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
@@ -43,10 +43,8 @@ def _context(request: HttpRequest, **extra) -> dict:
         "working": any(kb.is_working for kb in kbs),
         "queryable": [kb for kb in kbs if kb.is_queryable],
         "corpora": Corpus.objects.ready().order_by("name").only("id", "name", "chunk_count"),
-        "embedding_models": list(
-            gateway.models(capability="embeddings").values_list("key", flat=True)
-        ),
-        "chat_models": list(gateway.models(capability="chat").values_list("key", flat=True)),
+        "embedding_models": llm.model_keys(capability="embeddings"),
+        "chat_models": llm.model_keys(capability="chat"),
         "defaults": {
             "k": services.DEFAULT_K,
             "threshold": services.DEFAULT_THRESHOLD,

@@ -40,3 +40,29 @@ class JobsConfig(AppConfig):
         post_save.connect(
             on_job_transition, sender="training.JobTransition", dispatch_uid="serving-adapters"
         )
+
+        # The LLM port (config/llm.py): training and corpora call models through it, never
+        # importing jobs. Each call looks the gateway's function up when it runs (a patched
+        # jobs.gateway.embed is the one the port calls).
+        from config import llm
+        from jobs import gateway
+        from jobs import services as jobs_services
+
+        llm.register(
+            llm.Gateway(
+                chat=lambda **kwargs: gateway.chat(**kwargs),
+                embed=lambda **kwargs: gateway.embed(**kwargs),
+                model_keys=lambda capability: list(
+                    gateway.models(capability=capability).values_list("key", flat=True)
+                ),
+                caller=lambda **kwargs: gateway.Caller(**kwargs),
+                adapter_model=lambda *, job: jobs_services.adapter_model_register(job=job),
+                error=gateway.GatewayError,
+            )
+        )
+
+        # The RAG routes also go on the public /v1/ API (jobs -> corpora, the allowed way).
+        from corpora.rag_api import public_router
+        from jobs.public_api import public_api
+
+        public_api.add_router("", public_router)

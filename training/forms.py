@@ -6,10 +6,9 @@ from django import forms
 from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
-from billing.estimates import money_text, range_text
-from billing.models import GpuPrice
 from config.errors import CrucibleError, InvalidInput
 from corpora.models import TrainingFile
+from training import hooks
 from training.config import Hyperparameters, resolve_configuration
 from training.models import BaseModel, Preset, TrainingJob
 
@@ -101,8 +100,9 @@ class NewJobForm(forms.Form):
         initial=TrainingJob.Executor.LOCAL,
         widget=forms.RadioSelect,
     )
+    # Billing's GPU types (training/hooks.py's Pricing), set per form in __init__.
     gpu_type = forms.ModelChoiceField(
-        queryset=GpuPrice.objects.filter(is_active=True).exclude(gpu_type__startswith="cpu"),
+        queryset=None,
         to_field_name="gpu_type",
         required=False,
         empty_label="Default GPU",
@@ -140,6 +140,13 @@ class NewJobForm(forms.Form):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        pricing = hooks.pricing()
+        if pricing is not None:
+            self.fields["gpu_type"].queryset = pricing.gpu_types()
+        else:  # no price catalogue: only the default GPU type
+            self.fields["gpu_type"] = forms.ChoiceField(
+                choices=[("", "Default GPU")], required=False, label="GPU type"
+            )
         default = Preset.objects.filter(is_default=True).first()
         if default is not None:
             self.fields["preset"].initial = default.key
@@ -257,9 +264,9 @@ class AnnotateForm(forms.Form):
 def preset_cards(form: NewJobForm) -> list[Preset]:
     """Every preset, each with ``figures`` for the file the form has chosen: optimizer steps,
     epochs over the training split, and the estimated time and cost on the chosen executor
-    (the preset's own values, without the form's overrides). No file chosen: no figures."""
-    from billing.services import cost_estimate
-
+    (the preset's own values, without the form's overrides). No file chosen, or no cost
+    figures registered (training/hooks.py's Pricing): no figures."""
+    pricing = hooks.pricing()
     presets = list(Preset.objects.all())
     if form.is_bound:
         form.is_valid()  # fills cleaned_data with the fields that are valid
@@ -269,10 +276,15 @@ def preset_cards(form: NewJobForm) -> list[Preset]:
     runpod = executor == TrainingJob.Executor.RUNPOD
     for preset in presets:
         preset.figures = None
-        if training_file is None or base_model is None or not training_file.is_ready:
+        if (
+            pricing is None
+            or training_file is None
+            or base_model is None
+            or not training_file.is_ready
+        ):
             continue
         try:
-            est = cost_estimate(
+            est = pricing.estimate(
                 training_file=training_file,
                 base_model=base_model,
                 preset=preset,
@@ -289,7 +301,7 @@ def preset_cards(form: NewJobForm) -> list[Preset]:
             "file": training_file.name,
             "steps": est.steps,
             "epochs": epochs,
-            "duration": range_text(duration["low"], duration["high"]),
-            "cost": money_text(float(cost["low"]), float(cost["high"])) if runpod else None,
+            "duration": pricing.range_text(duration["low"], duration["high"]),
+            "cost": pricing.money_text(float(cost["low"]), float(cost["high"])) if runpod else None,
         }
     return presets

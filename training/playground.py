@@ -1,9 +1,10 @@
 """Playground generation: one prompt answered by the base model and by a job's LoRA adapter.
 
-Both answers come from the model gateway (``jobs.gateway.chat``), like every LLM call in
-Crucible: the job's adapter is registered as an offline model on top of its base
-(``jobs.services.adapter_model_register``: key ``offline/crucible-<job id>``, revision = the
-adapter's checksum), and the gateway's offline provider loads it (once per process, through
+Both answers come from the model gateway (``chat``), like every LLM call in Crucible, through
+the LLM port (config/llm.py; jobs fills it in, training never imports jobs): the job's adapter
+is registered as an offline model on top of its base (``llm.adapter_model``, jobs'
+``adapter_model_register``: key ``offline/crucible-<job id>``, revision = the adapter's
+checksum), and the gateway's offline provider loads it (once per process, through
 ``gpu/generate.py``). Each answer is one ledger row with feature "playground" and the
 playground run as its subject; the same prompt and decoding again is an exact-cache hit.
 """
@@ -79,24 +80,21 @@ def generate_pair(
     through the model gateway (feature "playground", ``subject`` in the ledger)."""
     from django.conf import settings
 
+    from config import llm
     from gpu.generate import resolve_device
-    from jobs import gateway
-    from jobs.services import adapter_model_register
 
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}
     ]
     stage("Registering the adapter")
-    adapter_model = adapter_model_register(job=job)
-    caller = gateway.Caller(user=user, feature="playground", subject=subject)
+    adapter_model = llm.adapter_model(job=job)
+    caller = llm.caller(user=user, feature="playground", subject=subject)
     request = _request(messages, decoding)
     # A background task: wait for a rate limit rather than fail (interactive=False).
     stage("Generating with the base model")
-    base = gateway.chat(
-        model=adapter_model.parent, request=request, caller=caller, interactive=False
-    )
+    base = llm.chat(model=adapter_model.parent, request=request, caller=caller, interactive=False)
     stage("Generating with the adapter")
-    tuned = gateway.chat(model=adapter_model.key, request=request, caller=caller, interactive=False)
+    tuned = llm.chat(model=adapter_model.key, request=request, caller=caller, interactive=False)
     return PairResult(
         base_output=base.text.strip(),
         adapter_output=tuned.text.strip(),

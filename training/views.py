@@ -26,13 +26,12 @@ from django.utils.cache import patch_vary_headers
 from django.utils.dateparse import parse_date
 from django.views.decorators.http import require_POST
 
-from billing import services as billing_services
 from config.errors import CrucibleError
 from config.roles import can_change
 from config.storage import storage_open
 from config.views import dashboard_view
 from corpora.models import TrainingFile
-from training import charts, services
+from training import charts, hooks, services
 from training.forms import (
     ADVANCED_FIELDS,
     AnnotateForm,
@@ -605,9 +604,11 @@ def dataset_summary(job: TrainingJob) -> str:
 
 
 def _cost(job: TrainingJob) -> dict:
-    """Cost so far against the estimate (billing's figures), for the status card."""
+    """Cost so far against the estimate (billing's figures: training/hooks.py's Pricing), for
+    the status card; the job's own fields when no figures are registered."""
+    pricing = hooks.pricing()
     try:
-        detail = billing_services.job_cost_detail(job_id=job.pk)
+        detail = pricing.job_cost(job_id=job.pk) if pricing is not None else {}
     except CrucibleError:
         detail = {}
     accrued = detail.get("accrued")
@@ -867,9 +868,12 @@ def _estimate(form: NewJobForm) -> dict:
             label = label or name.replace("_", " ").capitalize()
             return {"error": f"{label}: {errors[0]}" if name != "__all__" else errors[0]}
         return {"error": "Complete the form to see an estimate."}
+    pricing = hooks.pricing()
+    if pricing is None:
+        return {"error": "Cost estimates are not available on this installation."}
     data = form.cleaned_data
     try:
-        est = billing_services.cost_estimate(
+        est = pricing.estimate(
             training_file=data["training_file"],
             base_model=data["base_model"],
             preset=data["preset"],

@@ -3,14 +3,17 @@
 - ``knowledge_base_create`` records a knowledge base and enqueues its build (``long`` queue);
   ``knowledge_base_request_update`` enqueues an update; ``knowledge_base_refresh`` is the
   build/update itself (the task calls it): it embeds only chunks that are new or whose
-  content hash changed, in batches through ``jobs.gateway.embed`` (feature "rag"), writes
-  them as one new segment, tombstones removed/changed rows, compacts when tombstones pile
-  up, builds the approximate index above the size threshold, and publishes the result by
-  switching ``manifest`` + ``version`` in one UPDATE.
+  content hash changed, in batches through the model gateway's ``embed`` (feature "rag"),
+  writes them as one new segment, tombstones removed/changed rows, compacts when tombstones
+  pile up, builds the approximate index above the size threshold, and publishes the result
+  by switching ``manifest`` + ``version`` in one UPDATE.
 - ``knowledge_base_add_texts`` adds ad-hoc texts (``POST /v1/embeddings`` with ``store``).
 - ``rag_retrieve`` / ``rag_answer`` / ``rag_query``: retrieval first (no LLM call when no
-  chunk passes the threshold), then an answer through ``jobs.gateway.chat`` with numbered
+  chunk passes the threshold), then an answer through the gateway's ``chat`` with numbered
   sources, its citations checked and graded (corpora/rag/grounding.py).
+
+The gateway lives in jobs, above corpora: these calls go through the LLM port (config/llm.py)
+that jobs fills in from its AppConfig.ready().
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from config import llm
 from config.errors import Conflict, InvalidInput, NotFound
 from config.longtasks import Heartbeat, Stopped, worker_claim
 from corpora.models import Chunk, Corpus, Document, KnowledgeBase, KnowledgeBaseEntry
 from corpora.rag import grounding
 from corpora.rag import index as vindex
-from jobs import gateway
 
 logger = logging.getLogger("crucible.rag")
 
@@ -59,10 +62,8 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _caller(user, kb: KnowledgeBase | None) -> gateway.Caller:
-    return gateway.Caller(
-        user=user if getattr(user, "pk", None) else None, feature="rag", subject=kb
-    )
+def _caller(user, kb: KnowledgeBase | None) -> Any:
+    return llm.caller(user=user if getattr(user, "pk", None) else None, feature="rag", subject=kb)
 
 
 # --- Knowledge bases ----------------------------------------------------------------------------
@@ -70,7 +71,7 @@ def _caller(user, kb: KnowledgeBase | None) -> gateway.Caller:
 
 def _check_embedding_model(key: str) -> str:
     key = (key or DEFAULT_EMBEDDING_MODEL).strip()
-    if not gateway.models(capability="embeddings").filter(key=key).exists():
+    if key not in llm.model_keys(capability="embeddings"):
         raise InvalidInput(
             f"'{key}' is not an enabled embedding model of the gateway registry.",
             details={"fields": [{"field": "embedding_model", "message": "unknown"}]},
@@ -226,7 +227,7 @@ def _embed_batches(
     batch = batch or EMBED_BATCH  # read at call time (the bench compares batch sizes)
     out: list[list[float]] = []
     for start in range(0, len(texts), batch):
-        result = gateway.embed(
+        result = llm.embed(
             model=kb.embedding_model,
             input=texts[start : start + batch],
             caller=_caller(user, kb),
@@ -618,7 +619,7 @@ def rag_retrieve(
             f"{': ' + kb.error if kb.error else ''}).",
             details={"id": str(kb.pk), "status": kb.status},
         )
-    query = gateway.embed(model=kb.embedding_model, input=[question], caller=_caller(user, kb))
+    query = llm.embed(model=kb.embedding_model, input=[question], caller=_caller(user, kb))
     qvec = vindex.normalise(np.asarray(query.embeddings, dtype=np.float32))[0]
     loaded = vindex.cache.get(kb.pk, kb.version, kb.manifest)
     mask = None
@@ -778,7 +779,7 @@ def rag_answer(
     if persona:
         messages[0]["content"] = persona.strip() + "\n\n" + messages[0]["content"]
     started = time.perf_counter()
-    result = gateway.chat(
+    result = llm.chat(
         model=model or DEFAULT_CHAT_MODEL,
         request={"messages": messages, **request},
         caller=_caller(user, kb),

@@ -241,3 +241,29 @@ def test_without_training_files_the_form_says_where_to_get_one(db):
     html = html_of(client.get("/training/new/"))
     assert "No training files yet" in html and 'href="/datasets/"' in html
     assert "Choose a training file to see the duration and cost." in html
+
+
+def test_without_billings_figures_the_form_and_job_page_still_work(
+    training_file, monkeypatch, no_launch
+):
+    """Training looks billing's figures up (training/hooks.py's Pricing); with none registered
+    the pages show no costs and only the default GPU type, and a job still starts."""
+    from training import hooks
+
+    monkeypatch.setattr(hooks, "_pricing", None)
+    client, _ = signed_in(Role.ENGINEER)
+    html = html_of(client.get("/training/new/"))
+    gpu_select = re.search(r'<select name="gpu_type".*?</select>', html, re.S).group(0)
+    assert gpu_select.count("<option") == 1 and "Default GPU" in gpu_select
+    assert 'id="preset-figures-balanced"' in html and "<strong>On advisor:</strong>" not in html
+    params = {**form_data(training_file), "part": "estimate"}
+    part = html_of(client.get("/training/new/", params, headers=HTMX))
+    assert "Cost estimates are not available on this installation." in part
+    review = html_of(client.post("/training/new/", form_data(training_file, action="review")))
+    assert "Start training" in review
+
+    response = client.post("/training/new/", form_data(training_file, action="start"))
+    job = TrainingJob.objects.get()
+    assert response.status_code == 302 and no_launch == [job.pk]
+    page = html_of(client.get(response["Location"]))
+    assert "is queued" in page and "data-cost>$" in page

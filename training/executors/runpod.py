@@ -38,6 +38,7 @@ from runpod.api.graphql import run_graphql_query
 from config.addresses import explicit_public_url, is_private_address
 from config.errors import ExternalServiceError
 from config.retry import call_with_retry
+from training import conf as training_conf
 from training.errors import GPUProvisioningError, PlatformAddressError
 from training.executors.base import ExecutorState, ExecutorStatus
 
@@ -386,7 +387,6 @@ class RunPodExecutor:
         return values
 
     def launch(self, *, job_id: str, attempt: int, spec: dict, env: dict) -> str:
-        from billing import conf as billing_conf
         from training.models import TrainingJob, TrainingPod
 
         job = TrainingJob.objects.get(pk=job_id)
@@ -411,7 +411,7 @@ class RunPodExecutor:
                 transient=False,
             )
         spec, env = pod_grants(spec=spec, env=env)
-        wanted = job.gpu_type or billing_conf.runpod_gpu_type()
+        wanted = job.gpu_type or training_conf.runpod_gpu_type()
         spot = job.spot_for_next_launch
         gpu = resolve_gpu_type(wanted)
         spot_price, demand_price = _prices(gpu)
