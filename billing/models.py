@@ -168,6 +168,11 @@ class BudgetAlert(models.Model):
     active_jobs = models.JSONField(default=list)
     delivery = models.JSONField(default=dict, help_text="Outcome per channel")
     sent_at = models.DateTimeField(auto_now_add=True)
+    # Null until every channel was tried: a process killed between creating the alert and
+    # sending it leaves it pending, and the next budget check delivers what is left.
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # A delivery in progress holds the alert until then (one sender at a time).
+    delivery_claimed_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-sent_at"]
@@ -267,7 +272,11 @@ class LlmCall(models.Model):
     latency_ms = models.FloatField(default=0)
     attempts = models.PositiveSmallIntegerField(default=0)
     cached = models.BooleanField(default=False)
-    outcome = models.CharField(max_length=64, default="ok", help_text='"ok" or "error:<code>"')
+    outcome = models.CharField(
+        max_length=64,
+        default="ok",
+        help_text='"ok", "error:<code>" or "in_flight" (written before the provider call)',
+    )
     request_id = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     day = models.DateField()
@@ -289,13 +298,30 @@ class LlmCall(models.Model):
 
 class LlmReservation(models.Model):
     """The worst-case cost of an LLM call in flight, held against the month's budget until
-    the call settles; a reservation past ``expires_at`` (a crashed process) no longer counts."""
+    the call settles; a reservation past ``expires_at`` (a crashed process) no longer counts.
+
+    A call about to reach a provider writes its ledger row first (``call``, outcome
+    ``in_flight``) in the reservation's transaction: a process killed during the call leaves
+    both behind, and recovery settles the row from them (the answer from the response cache
+    when it got there, else the held worst case), so every call that reached a provider is in
+    the ledger exactly once."""
 
     month = models.DateField(db_index=True)
     amount = models.DecimalField(max_digits=14, decimal_places=8)
     model = models.CharField(max_length=270)
     feature = models.CharField(max_length=32, blank=True)
     request_id = models.CharField(max_length=64, blank=True)
+    call = models.OneToOneField(
+        LlmCall,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="reservation",
+        help_text="The call's write-ahead ledger row (outcome in_flight until it settles)",
+    )
+    cache_key = models.CharField(
+        max_length=64, blank=True, help_text="The call's response-cache key (for recovery)"
+    )
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField(db_index=True)
 

@@ -115,8 +115,11 @@ def _job_url(job) -> str:
     return absolute_url(reverse("training:detail", args=[job.pk]))
 
 
-def budget_alert_notify(*, alert, summary: dict) -> dict:
+def budget_alert_notify(*, alert, summary: dict, channels: list[str] | None = None) -> dict:
+    """The alert on ``channels`` (default: all of the alert's)."""
     from billing.services import admin_recipients
+
+    channels = alert.channels if channels is None else channels
 
     jobs = summary["active_jobs"]
     subject = (
@@ -137,11 +140,11 @@ def budget_alert_notify(*, alert, summary: dict) -> dict:
     ]
     body = "\n".join(lines)
     delivery = {}
-    if "email" in alert.channels:
+    if "email" in channels:
         delivery["email"] = send_email(
             kind="budget_alert", subject=subject, body=body, recipients=admin_recipients()
         )
-    if "slack" in alert.channels:
+    if "slack" in channels:
         delivery["slack"] = send_slack(kind="budget_alert", text=f"*{subject}*\n" + body)
     return delivery
 

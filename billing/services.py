@@ -7,6 +7,7 @@ import io
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
@@ -38,6 +39,7 @@ logger = logging.getLogger("crucible.billing")
 CENT = Decimal("0.01")
 MICRO = Decimal("0.000001")
 NANO = Decimal("0.00000001")
+LLM_IN_FLIGHT = "in_flight"  # a write-ahead ledger row: the call left, its outcome unknown yet
 
 
 class BudgetExceeded(Conflict):
@@ -697,8 +699,15 @@ def job_finalize(*, job) -> JobCost:
 
 
 def budget_alerts_check(*, now: datetime | None = None) -> list[int]:
-    """Send each threshold's alert once a month when spending crosses it."""
+    """Send each threshold's alert once a month when spending crosses it.
+
+    The alert row is created first (the unique threshold and month make it once), then sent:
+    a process killed in between leaves it pending (``delivered_at`` null), and the next check
+    sends what is left of it (``budget_alert_deliver``).
+    """
     month = month_start(now)
+    for pending in BudgetAlert.objects.filter(delivered_at__isnull=True).order_by("pk"):
+        budget_alert_deliver(alert=pending)
     budget = budget_get(month=month)
     if budget.amount <= 0:
         return []
@@ -724,15 +733,44 @@ def budget_alerts_check(*, now: datetime | None = None) -> list[int]:
                 )
         except IntegrityError:
             continue  # another process sent it
-        from billing import notifications
-
-        delivery = notifications.budget_alert_notify(alert=alert, summary=summary)
-        BudgetAlert.objects.filter(pk=alert.pk).update(delivery=delivery)
+        budget_alert_deliver(alert=alert, summary=summary)
         logger.warning(
             "budget alert %s%% for %s: spent $%s of $%s", percent, month, spent, budget.amount
         )
         fired.append(percent)
     return fired
+
+
+def budget_alert_deliver(*, alert: BudgetAlert, summary: dict | None = None) -> dict:
+    """Send the alert on each of its channels not tried yet, once: the alert is claimed for
+    ``conf.alert_delivery_lease_s()`` (a second process leaves it alone meanwhile), and each
+    channel's outcome is stored as soon as it is known, so a process killed midway leaves only
+    the channels it had not reached for the next one."""
+    from billing import notifications
+
+    now = timezone.now()
+    claimed = (
+        BudgetAlert.objects.filter(pk=alert.pk, delivered_at__isnull=True)
+        .filter(Q(delivery_claimed_until__isnull=True) | Q(delivery_claimed_until__lt=now))
+        .update(delivery_claimed_until=now + timedelta(seconds=conf.alert_delivery_lease_s()))
+    )
+    if not claimed:
+        return {}
+    alert.refresh_from_db()
+    if summary is None:  # a pending alert: sent with the month's figures of now
+        summary = budget_summary(month=alert.month)
+    delivery = dict(alert.delivery or {})
+    for channel in alert.channels:
+        if channel in delivery:
+            continue  # tried by an earlier process
+        delivery[channel] = notifications.budget_alert_notify(
+            alert=alert, summary=summary, channels=[channel]
+        ).get(channel, {"ok": False, "skipped": f"unknown channel {channel}"})
+        BudgetAlert.objects.filter(pk=alert.pk).update(delivery=delivery)
+    BudgetAlert.objects.filter(pk=alert.pk).update(
+        delivered_at=timezone.now(), delivery_claimed_until=None
+    )
+    return delivery
 
 
 def hard_cap_enforce(*, now: datetime | None = None) -> list[str]:
@@ -884,10 +922,64 @@ def _jobs_held() -> Decimal:
     return money(total)
 
 
+# Set by the model gateway (jobs.gateway.client): the settlement of an orphaned call from what
+# the gateway knows (its answer in the response cache); None settles at the held worst case.
+orphan_resolver: Callable[[LlmReservation], dict] | None = None
+
+
 def llm_reservations_expire(*, now: datetime | None = None) -> int:
-    """Delete reservations past their expiry (their process died before settling)."""
-    deleted, _ = LlmReservation.objects.filter(expires_at__lte=now or timezone.now()).delete()
-    return deleted
+    """Reservations past their expiry (their process died before settling): a write-ahead
+    ledger row still in flight is settled (``llm_orphan_settle``), then the hold goes."""
+    expired = LlmReservation.objects.filter(expires_at__lte=now or timezone.now())
+    count = 0
+    for reservation in expired.filter(call__outcome=LLM_IN_FLIGHT).select_related("call"):
+        fields = orphan_resolver(reservation) if orphan_resolver else {}
+        llm_orphan_settle(reservation=reservation, **fields)
+        count += 1
+    deleted, _ = expired.delete()
+    return count + deleted
+
+
+def llm_orphans(*, now: datetime | None = None, subject_type=None, subject_ids=None):
+    """Write-ahead ledger rows still in flight whose process is gone, as their reservations:
+    those past expiry, or (``subject_ids``) those of subjects whose worker is known dead."""
+    qs = LlmReservation.objects.filter(call__outcome=LLM_IN_FLIGHT).select_related("call")
+    if subject_ids is not None:
+        return qs.filter(
+            call__content_type=ContentType.objects.get_for_model(subject_type),
+            call__object_id__in=[str(pk) for pk in subject_ids],
+        )
+    return qs.filter(expires_at__lte=now or timezone.now())
+
+
+def llm_orphan_settle(
+    *,
+    reservation: LlmReservation,
+    outcome: str = "error:worker_lost",
+    prompt_tokens: int | None = None,
+    completion_tokens: int = 0,
+    cost: Decimal | None = None,
+) -> bool:
+    """Settle the in-flight ledger row of a call whose process died: its tokens and cost when
+    known (its answer reached the response cache), else the held worst case (the provider may
+    have charged for it). Conditional on the row still being in flight: a process that was
+    only slow settles it itself (``llm_call_record`` overwrites by id). True when settled."""
+    with transaction.atomic():
+        if connection.vendor != "sqlite" and reservation.amount:
+            MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
+        fields = {
+            "outcome": outcome[:64],
+            "cost": (reservation.amount if cost is None else Decimal(cost)).quantize(NANO),
+            "completion_tokens": max(0, int(completion_tokens)),
+        }
+        if prompt_tokens is not None:
+            fields["prompt_tokens"] = max(0, int(prompt_tokens))
+        settled = (
+            LlmCall.objects.filter(pk=reservation.call_id, outcome=LLM_IN_FLIGHT).update(**fields)
+            == 1
+        )
+        LlmReservation.objects.filter(pk=reservation.pk).delete()
+    return settled
 
 
 def llm_budget_reserve(
@@ -897,6 +989,7 @@ def llm_budget_reserve(
     feature: str = "",
     request_id: str = "",
     ttl_s: float = 600.0,
+    save: bool = True,
 ) -> LlmReservation:
     """Hold ``amount`` (a call's worst-case cost) against this month's budget, or refuse
     with BudgetExceeded when spent + reserved (GPU jobs and LLM calls) + amount is over it.
@@ -933,7 +1026,7 @@ def llm_budget_reserve(
                     "model": model,
                 },
             )
-        return LlmReservation.objects.create(
+        reservation = LlmReservation(
             month=month,
             amount=amount,
             model=model[:270],
@@ -942,6 +1035,123 @@ def llm_budget_reserve(
             created_at=now,
             expires_at=now + timedelta(seconds=ttl_s),
         )
+        if save:  # else the caller saves it in this transaction (``llm_call_open``)
+            reservation.save()
+        return reservation
+
+
+def llm_call_open(
+    *,
+    amount: Decimal,
+    ttl_s: float,
+    cache_key: str = "",
+    user=None,
+    feature: str,
+    subject=None,
+    attribution: str = "",
+    provider: str,
+    model: str,
+    operation: str = "chat",
+    request_id: str = "",
+) -> LlmReservation:
+    """The write-ahead step of a call about to reach a provider: its ledger row (outcome
+    ``in_flight``, one attempt) and its reservation (the worst-case ``amount`` held against the
+    budget, checked as ``llm_budget_reserve`` does when above zero) in one transaction,
+    committed before the request leaves. ``llm_call_record`` settles both; a process killed in
+    between leaves them to ``llm_orphan_settle``. Raises BudgetExceeded (nothing written)."""
+    amount = Decimal(amount).quantize(NANO)
+    now = timezone.now()
+    call = _llm_call_row(
+        user=user,
+        feature=feature,
+        subject=subject,
+        attribution=attribution,
+        provider=provider,
+        model=model,
+        operation=operation,
+        attempts=1,
+        outcome=LLM_IN_FLIGHT,
+        request_id=request_id,
+        at=now,
+    )
+    with transaction.atomic():
+        if amount > 0:
+            reservation = llm_budget_reserve(
+                amount=amount,
+                model=model,
+                feature=feature,
+                request_id=request_id,
+                ttl_s=ttl_s,
+                save=False,
+            )
+        else:
+            reservation = LlmReservation(
+                month=month_start(),
+                amount=Decimal(0),
+                model=model[:270],
+                feature=feature[:32],
+                request_id=request_id[:64],
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl_s),
+            )
+        call.save()
+        reservation.call = call
+        reservation.cache_key = cache_key[:64]
+        reservation.save()
+    return reservation
+
+
+def llm_call_attempt(*, reservation: LlmReservation | None, attempts: int) -> None:
+    """A retry is about to leave: the in-flight row counts it first (a kill during it must not
+    lose it)."""
+    if reservation is not None and reservation.call_id:
+        LlmCall.objects.filter(pk=reservation.call_id).update(attempts=attempts)
+
+
+def _llm_call_row(
+    *,
+    user,
+    feature: str,
+    subject,
+    attribution: str,
+    provider: str,
+    model: str,
+    operation: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    cost: Decimal = Decimal(0),
+    latency_ms: float = 0.0,
+    attempts: int = 0,
+    cached: bool = False,
+    outcome: str = "ok",
+    request_id: str = "",
+    at: datetime | None = None,
+) -> LlmCall:
+    at = at or timezone.now()
+    day = timezone.localtime(at).date()
+    call = LlmCall(
+        user=user if getattr(user, "is_authenticated", False) else None,
+        feature=feature[:32],
+        attribution=attribution[:120],
+        provider=provider[:64],
+        model=model[:270],
+        operation=operation,
+        prompt_tokens=max(0, int(prompt_tokens)),
+        completion_tokens=max(0, int(completion_tokens)),
+        cost=Decimal(cost).quantize(NANO),
+        latency_ms=round(float(latency_ms), 3),
+        attempts=attempts,
+        cached=cached,
+        outcome=outcome[:64],
+        request_id=(request_id or "")[:64],
+        created_at=at,
+        day=day,
+        month=day.replace(day=1),
+    )
+    if subject is not None and getattr(subject, "pk", None) is not None:
+        call.content_type = ContentType.objects.get_for_model(subject)
+        call.object_id = str(subject.pk)
+    return call
 
 
 def llm_budget_release(*, reservation: LlmReservation | None) -> None:
@@ -970,31 +1180,26 @@ def llm_call_record(
     at: datetime | None = None,
 ) -> LlmCall:
     """One gateway call into the ledger; its reservation (if any) is settled in the same
-    transaction, so the month's spend never counts the call twice or not at all."""
-    at = at or timezone.now()
-    day = timezone.localtime(at).date()
-    call = LlmCall(
-        user=user if getattr(user, "is_authenticated", False) else None,
-        feature=feature[:32],
-        attribution=attribution[:120],
-        provider=provider[:64],
-        model=model[:270],
+    transaction, so the month's spend never counts the call twice or not at all. A call that
+    wrote ahead (``llm_call_open``) has its in-flight row completed, not a second one."""
+    call = _llm_call_row(
+        user=user,
+        feature=feature,
+        subject=subject,
+        attribution=attribution,
+        provider=provider,
+        model=model,
         operation=operation,
-        prompt_tokens=max(0, int(prompt_tokens)),
-        completion_tokens=max(0, int(completion_tokens)),
-        cost=Decimal(cost).quantize(NANO),
-        latency_ms=round(float(latency_ms), 3),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost=cost,
+        latency_ms=latency_ms,
         attempts=attempts,
         cached=cached,
-        outcome=outcome[:64],
-        request_id=(request_id or "")[:64],
-        created_at=at,
-        day=day,
-        month=day.replace(day=1),
+        outcome=outcome,
+        request_id=request_id,
+        at=at,
     )
-    if subject is not None and getattr(subject, "pk", None) is not None:
-        call.content_type = ContentType.objects.get_for_model(subject)
-        call.object_id = str(subject.pk)
     if reservation is None:
         call.save()
         return call
@@ -1003,9 +1208,22 @@ def llm_call_record(
         # (READ COMMITTED: one snapshot per statement) a reservation reading the spend, then
         # the holds, could otherwise miss a call settled between its two reads.
         # (SQLite needs no lock query: its IMMEDIATE transactions already run one at a time.)
-        if connection.vendor != "sqlite":
+        if connection.vendor != "sqlite" and reservation.amount:
             MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
-        call.save()
+        written = False
+        if reservation.call_id:
+            # The write-ahead row (created_at stays when the call left): completed in place,
+            # whatever a recovery that took this process for dead wrote meanwhile.
+            values = {
+                f.attname: getattr(call, f.attname)
+                for f in LlmCall._meta.concrete_fields
+                if f.attname not in ("id", "created_at", "day", "month")
+            }
+            written = LlmCall.objects.filter(pk=reservation.call_id).update(**values) == 1
+            call.pk = reservation.call_id
+        if not written:
+            call.pk = None
+            call.save()
         LlmReservation.objects.filter(pk=reservation.pk).delete()
     return call
 

@@ -196,6 +196,21 @@ def render_messages(data: dict, values: dict) -> list[dict]:
     ]
 
 
+_validators: dict[str, Any] = {}
+
+
+def _validator(schema: dict, cls) -> Any:
+    """One compiled validator per schema in each process (building one costs more than
+    validating an answer; a batch validates thousands against the same few schemas)."""
+    key = json.dumps(schema, sort_keys=True)
+    validator = _validators.get(key)
+    if validator is None:
+        if len(_validators) > 256:
+            _validators.clear()
+        validator = _validators[key] = cls(schema)
+    return validator
+
+
 def validate_answer(spec_data: dict, text: str) -> tuple[Any, list[str], str]:
     """(parsed, errors, kind): kind is "" when valid, else "invalid_json" or
     "schema_violation"; errors are readable lines with the JSON pointer."""
@@ -205,7 +220,7 @@ def validate_answer(spec_data: dict, text: str) -> tuple[Any, list[str], str]:
         parsed = extract_json(text)
     except ValueError as exc:
         return None, [str(exc)], "invalid_json"
-    validator = Draft202012Validator(spec_data["answer_schema"])
+    validator = _validator(spec_data["answer_schema"], Draft202012Validator)
     errors = [
         f"{_pointer(e.absolute_path) or '/'}: {e.message}"
         for e in sorted(validator.iter_errors(parsed), key=lambda e: list(e.absolute_path))

@@ -9,8 +9,11 @@ import hashlib
 import json
 import logging
 import math
+import os
+import queue
 import random
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
@@ -39,10 +42,15 @@ logger = logging.getLogger("crucible.batch")
 RUNS_MIN, RUNS_MAX = 1, 20
 MAX_TASKS = 1_000_000
 BULK_BATCH = 2_000
+BULK_MEMO = 64
 # Dispatch window: at most what a model's rate limit serves in this many seconds sits queued
 # or running; a model without a rate limit gets BATCH_MAX_WINDOW.
 WINDOW_S = 10.0
 MAX_WINDOW = 64
+# A dispatch message carries up to this many tasks of one model (one Celery message, one
+# window runner), run BATCH_THREADS at a time in the worker process.
+MESSAGE_TASKS = 16
+BATCH_THREADS = int(os.environ.get("BATCH_THREADS", "8"))
 TASK_MAX_ATTEMPTS = 4  # task-level tries after the gateway's own retries are exhausted
 DECODING_KEYS = {
     "temperature",
@@ -346,41 +354,39 @@ def task_id(job_id, chunk_id: int, framework_label: str, model_key: str, run: in
     return "t" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
-def _task_rows(job: BatchJob, plan: Plan) -> Iterator[BatchTask]:
+@dataclass(frozen=True)
+class TaskSpec:
+    """What varies between the task rows of one job (everything else is the row defaults)."""
+
+    chunk_id: int
+    framework_version_id: int
+    framework_label: str
+    model_key: str
+    run: int
+    model_revision: str = ""
+
+
+def _task_specs(plan: Plan) -> Iterator[TaskSpec]:
     for chunk_id in plan.chunk_ids:
         for fw in plan.frameworks:
             for model in plan.models:
                 for run in range(1, plan.runs + 1):
-                    yield BatchTask(
-                        id=task_id(job.pk, chunk_id, fw.label, model.key, run),
-                        job_id=job.pk,
-                        chunk_id=chunk_id,
-                        framework_version_id=fw.pk,
-                        model_key=model.key,
-                        run=run,
-                        model_revision=model.revision,
-                    )
+                    yield TaskSpec(chunk_id, fw.pk, fw.label, model.key, run, model.revision)
 
 
-def tasks_bulk_create(rows: Iterable[BatchTask], *, batch_size: int = BULK_BATCH) -> int:
-    """Insert task rows from a generator in batches: memory stays flat whatever the count.
-
-    One ``executemany`` of an INSERT with every column per batch, not ``bulk_create``: on
-    SQLite Django splits a bulk insert to stay under 999 parameters (35 rows of this table per
-    statement), which made 10,000 tasks take seconds; values go through each field's
-    ``get_db_prep_save`` exactly as ``bulk_create`` would."""
-    fields = [f for f in BatchTask._meta.concrete_fields]
+def _insert_sql() -> tuple[str, list]:
+    fields = list(BatchTask._meta.concrete_fields)
     table = connection.ops.quote_name(BatchTask._meta.db_table)
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
     sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"  # noqa: S608
+    return sql, fields
 
-    def values(obj: BatchTask) -> list:
-        return [f.get_db_prep_save(f.pre_save(obj, add=True), connection) for f in fields]
 
+def _executemany(sql: str, rows: Iterable[list], batch_size: int) -> int:
     count, batch = 0, []
     with transaction.atomic(), connection.cursor() as cursor:
         for row in rows:
-            batch.append(values(row))
+            batch.append(row)
             if len(batch) >= batch_size:
                 cursor.executemany(sql, batch)
                 count += len(batch)
@@ -389,6 +395,72 @@ def tasks_bulk_create(rows: Iterable[BatchTask], *, batch_size: int = BULK_BATCH
             cursor.executemany(sql, batch)
             count += len(batch)
     return count
+
+
+def tasks_bulk_insert(*, job_id, specs: Iterable[TaskSpec], batch_size: int = BULK_BATCH) -> int:
+    """Insert a job's task rows from a generator of specs, in batches of one ``executemany``
+    each: memory stays flat whatever the count. The row defaults are prepared for the
+    database once (one template row through each field's ``pre_save`` and
+    ``get_db_prep_save``, as ``bulk_create`` would); a row then costs its id's hash and a list
+    copy with the six columns that vary."""
+    sql, fields = _insert_sql()
+    template_obj = BatchTask(id="", job_id=job_id, chunk_id=0, framework_version_id=0, run=1)
+    template = [f.get_db_prep_save(f.pre_save(template_obj, add=True), connection) for f in fields]
+    index = {f.attname: i for i, f in enumerate(fields)}
+    i_id, i_chunk, i_fw = index["id"], index["chunk_id"], index["framework_version_id"]
+    i_model, i_run, i_rev = index["model_key"], index["run"], index["model_revision"]
+    job_key = str(job_id)  # the same text task_id formats, converted once
+
+    def rows() -> Iterator[list]:
+        for spec in specs:
+            row = template.copy()
+            row[i_id] = task_id(
+                job_key, spec.chunk_id, spec.framework_label, spec.model_key, spec.run
+            )
+            row[i_chunk] = spec.chunk_id
+            row[i_fw] = spec.framework_version_id
+            row[i_model] = spec.model_key
+            row[i_run] = spec.run
+            row[i_rev] = spec.model_revision
+            yield row
+
+    return _executemany(sql, rows(), batch_size)
+
+
+def tasks_bulk_create(rows: Iterable[BatchTask], *, batch_size: int = BULK_BATCH) -> int:
+    """Insert task rows (model instances) from a generator in batches: memory stays flat.
+
+    One ``executemany`` of an INSERT with every column per batch, not ``bulk_create``: on
+    SQLite Django splits a bulk insert to stay under 999 parameters (35 rows of this table per
+    statement); values go through each field's ``get_db_prep_save`` exactly as
+    ``bulk_create`` would, each field's prepared value kept per raw value (up to BULK_MEMO a
+    field: defaults repeat in every row). ``tasks_bulk_insert`` (specs) is faster still."""
+    sql, fields = _insert_sql()
+    memo: list[dict | None] = [{} for _ in fields]
+    prep = [(f.pre_save, f.get_db_prep_save) for f in fields]
+
+    def values(obj: BatchTask) -> list:
+        out = []
+        for i, (pre_save, prepare) in enumerate(prep):
+            raw = pre_save(obj, True)
+            seen = memo[i]
+            if seen is None:
+                out.append(prepare(raw, connection))
+                continue
+            try:
+                key = (type(raw), raw)
+                value = seen[key]
+            except TypeError:  # unhashable (a JSON list or dict)
+                out.append(prepare(raw, connection))
+                continue
+            except KeyError:
+                value = seen[key] = prepare(raw, connection)
+                if len(seen) > BULK_MEMO:
+                    memo[i] = None  # a per-row value (the id): stop keeping them
+            out.append(value)
+        return out
+
+    return _executemany(sql, (values(row) for row in rows), batch_size)
 
 
 def _frozen(plan: Plan) -> dict:
@@ -481,7 +553,7 @@ def job_create(
             estimate_cost=plan.cost,
             status=BatchJob.Status.RUNNING if start else BatchJob.Status.PAUSED,
         )
-        tasks_bulk_create(_task_rows(job, plan))
+        tasks_bulk_insert(job_id=job.pk, specs=_task_specs(plan))
         if start:
             transaction.on_commit(lambda: enqueue_dispatch(job.pk))
     return job
@@ -496,16 +568,17 @@ def enqueue_dispatch(job_id) -> None:
     batch_dispatch.delay(str(job_id))
 
 
-def _enqueue_task(task_id_: str) -> None:
-    from jobs.batch.tasks import batch_run_task
+def _enqueue_window(job_id, task_ids: list[str]) -> None:
+    from jobs.batch.tasks import batch_run_window
 
-    batch_run_task.delay(task_id_)
+    batch_run_window.delay(str(job_id), task_ids)
 
 
-def job_dispatch(*, job_id, enqueue: Callable[[str], object] | None = None) -> dict:
+def job_dispatch(*, job_id, enqueue: Callable[[object, list[str]], object] | None = None) -> dict:
     """Top up each model's window: move pending tasks to queued (at most the window minus what
-    is queued or running) and enqueue them. Returns {model: queued now}."""
-    enqueue = enqueue or _enqueue_task
+    is queued or running) and enqueue them, MESSAGE_TASKS to a message (one window runner
+    each). Returns {model: queued now}."""
+    enqueue = enqueue or _enqueue_window
     job = BatchJob.objects.filter(pk=job_id).first()
     if job is None or job.status != BatchJob.Status.RUNNING:
         return {}
@@ -543,8 +616,10 @@ def job_dispatch(*, job_id, enqueue: Callable[[str], object] | None = None) -> d
                 "pk", flat=True
             )
         )
-        for pk in mine:
-            enqueue(pk)
+        # Split so that every worker process gets a share of a small window too.
+        size = max(1, min(MESSAGE_TASKS, math.ceil(len(mine) / 4)))
+        for start in range(0, len(mine), size):
+            enqueue(job.pk, mine[start : start + size])
         out[key] = len(mine)
     return out
 
@@ -590,14 +665,59 @@ def _prompt_values(chunk: Chunk) -> dict:
     }
 
 
-def task_messages(task: BatchTask) -> list[dict]:
-    return render_messages(task.framework_version.content, _prompt_values(task.chunk))
+def task_messages(task: BatchTask, content: dict | None = None) -> list[dict]:
+    content = task.framework_version.content if content is None else content
+    return render_messages(content, _prompt_values(task.chunk))
 
 
-def task_request(task: BatchTask, decoding: dict) -> dict:
-    body = {"messages": task_messages(task), **decoding}
+def task_request(task: BatchTask, decoding: dict, content: dict | None = None) -> dict:
+    body = {"messages": task_messages(task, content), **decoding}
     body.setdefault("seed", task.run)
     return body
+
+
+class JobContext:
+    """What every task of a job shares, read once per window instead of once per task: the
+    job's creator (the ledger's user), its frozen decoding settings and the framework
+    versions' content (the job row's frozen record holds every chunk's hash: decoding it per
+    task cost more than the task's own queries)."""
+
+    def __init__(self, job: BatchJob):
+        self.job_id = job.pk
+        self.user = job.created_by
+        self.decoding = job.frozen["decoding"]
+        self._contents: dict[int, dict] = {}
+
+    @classmethod
+    def load(cls, job_id) -> JobContext | None:
+        job = BatchJob.objects.select_related("created_by").filter(pk=job_id).first()
+        return None if job is None else cls(job)
+
+    def content(self, framework_version_id: int) -> dict:
+        content = self._contents.get(framework_version_id)
+        if content is None:  # two threads may both read it once: same value
+            content = FrameworkVersion.objects.values_list("content", flat=True).get(
+                pk=framework_version_id
+            )
+            self._contents[framework_version_id] = content
+        return content
+
+
+_TASK_FIELDS = (
+    "id",
+    "job_id",
+    "chunk_id",
+    "framework_version_id",
+    "model_key",
+    "run",
+    "attempts",
+    "model_revision",
+    "chunk__text",
+    "chunk__document__title",
+    "chunk__document__external_id",
+    "chunk__document__author",
+    "chunk__document__date",
+)
 
 
 def _repair_messages(messages: list[dict], raw: str, errors: list[str]) -> list[dict]:
@@ -613,11 +733,10 @@ def _repair_messages(messages: list[dict], raw: str, errors: list[str]) -> list[
     ]
 
 
-def _call_and_validate(task: BatchTask, job: BatchJob) -> Outcome:
-    decoding = job.frozen["decoding"]
-    body = task_request(task, decoding)
-    caller = gateway.Caller(user=job.created_by, feature="batch", subject=task)
-    content = task.framework_version.content
+def _call_and_validate(task: BatchTask, ctx: JobContext) -> Outcome:
+    content = ctx.content(task.framework_version_id)
+    body = task_request(task, ctx.decoding, content)
+    caller = gateway.Caller(user=ctx.user, feature="batch", subject=task)
     totals = {
         "calls": 0,
         "prompt_tokens": 0,
@@ -677,10 +796,19 @@ def _call_and_validate(task: BatchTask, job: BatchJob) -> Outcome:
         body = {**body, "messages": _repair_messages(body["messages"], raw, errors)}
 
 
-def task_run(*, task_id: str, claim: str | None = None, dispatch: bool = True) -> str | None:
+def task_run(
+    *,
+    task_id: str,
+    claim: str | None = None,
+    dispatch: bool = True,
+    ctx: JobContext | None = None,
+    finish: bool = True,
+) -> str | None:
     """Claim a queued task (one conditional UPDATE), run it through the gateway, store its one
-    result (the final write is conditional on the claim), then top up the model's window.
-    Returns the task's final status, or None when the task was not this worker's to run."""
+    result (the final write is conditional on the claim), then top up the model's window
+    (``dispatch``) and finish the job when it was the last (``finish``; a window runner does
+    both once for its window). Returns the task's final status, or None when the task was not
+    this worker's to run."""
     claim = claim or longtasks.worker_claim()
     now = timezone.now()
     claimed = BatchTask.objects.filter(
@@ -694,17 +822,18 @@ def task_run(*, task_id: str, claim: str | None = None, dispatch: bool = True) -
     )
     if claimed != 1:
         return None
-    task = BatchTask.objects.select_related(
-        "job", "job__created_by", "framework_version", "chunk", "chunk__document"
-    ).get(pk=task_id)
-    job = task.job
+    task = BatchTask.objects.select_related("chunk", "chunk__document").only(*_TASK_FIELDS)
+    task = task.get(pk=task_id)
+    job_status = BatchJob.objects.filter(pk=task.job_id).values_list("status", flat=True).first()
     mine = BatchTask.objects.filter(pk=task_id, status=BatchTask.Status.RUNNING, claimed_by=claim)
-    if job.status != BatchJob.Status.RUNNING:
-        back = BatchTask.Status.CANCELLED if job.status == "cancelled" else BatchTask.Status.PENDING
+    if job_status != BatchJob.Status.RUNNING:
+        back = BatchTask.Status.CANCELLED if job_status == "cancelled" else BatchTask.Status.PENDING
         mine.update(status=back, claimed_by="", attempts=F("attempts") - 1)
         return back
+    if ctx is None or ctx.job_id != task.job_id:
+        ctx = JobContext.load(task.job_id)
     try:
-        outcome = _call_and_validate(task, job)
+        outcome = _call_and_validate(task, ctx)
     except gateway.GatewayError as exc:
         outcome = _failure(task, exc)
     except Exception as exc:  # a bug or an unexpected library error: fail the task, keep going
@@ -723,8 +852,68 @@ def task_run(*, task_id: str, claim: str | None = None, dispatch: bool = True) -
     wrote = mine.update(status=outcome.status, **fields) == 1
     if not wrote:
         return None
-    after_task(job_id=job.pk, dispatch=dispatch)
+    if dispatch or finish:
+        after_task(job_id=task.job_id, dispatch=dispatch)
     return outcome.status
+
+
+def tasks_run_window(
+    *,
+    job_id,
+    task_ids: list[str],
+    threads: int | None = None,
+    dispatch: bool = True,
+    on_done: Callable[[str | None], object] | None = None,
+) -> dict:
+    """Run a window of a job's tasks in this process: each is claimed atomically just before
+    it runs (as ``task_run`` alone does: a task claimed elsewhere is skipped, and a claim's
+    heartbeat is its own start), ``threads`` at a time (their calls wait on the gateway's
+    shared rate limits); then the window tops up the job's dispatch, finishes the job when it
+    was the last, and schedules the statistics, once for the window. Returns {status: n}."""
+    ctx = JobContext.load(job_id)
+    out: dict[str, int] = {}
+    if ctx is None or not task_ids:
+        return out
+    threads = max(1, min(len(task_ids), threads or BATCH_THREADS))
+
+    counted = threading.Lock()
+
+    def one(pk: str) -> None:
+        status = task_run(task_id=pk, dispatch=False, ctx=ctx, finish=False)
+        with counted:
+            out[status or "skipped"] = out.get(status or "skipped", 0) + 1
+        if on_done:
+            on_done(status)
+
+    if threads == 1:
+        for pk in task_ids:
+            one(pk)
+    else:
+        pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for pk in task_ids:
+            pending.put(pk)
+
+        def worker() -> None:
+            try:
+                while True:
+                    try:
+                        pk = pending.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        one(pk)
+                    except Exception:  # a database error: the reconcile recovers its claim
+                        logger.exception("batch task %s could not run", pk)
+            finally:
+                connections.close_all()  # this thread's own connections
+
+        pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    after_task(job_id=job_id, dispatch=dispatch)
+    return out
 
 
 def _failure(task: BatchTask, exc: gateway.GatewayError) -> Outcome:
@@ -816,6 +1005,7 @@ def tasks_recover(*, job_id=None, stale_after_s: float | None = None) -> dict:
     running = qs.filter(status=BatchTask.Status.RUNNING).filter(
         Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
     )
+    lost = list(running.values_list("pk", flat=True))
     exhausted = running.filter(attempts__gte=TASK_MAX_ATTEMPTS).update(
         status=BatchTask.Status.FAILED,
         claimed_by="",
@@ -824,6 +1014,10 @@ def tasks_recover(*, job_id=None, stale_after_s: float | None = None) -> dict:
         finished_at=timezone.now(),
     )
     reclaimed = running.update(status=BatchTask.Status.PENDING, claimed_by="", dispatch_token="")
+    if lost:
+        # Their worker died mid-call: settle the calls it wrote ahead (the ledger keeps each
+        # call that reached the provider, answered from the cache when the answer got there).
+        gateway.calls_recover(subject_type=BatchTask, subject_ids=lost)
     requeued = qs.filter(status=BatchTask.Status.QUEUED, queued_at__lt=cutoff).update(
         status=BatchTask.Status.PENDING, dispatch_token=""
     )
@@ -865,12 +1059,14 @@ def job_run_inline(*, job: BatchJob, progress: Callable[[int], object] | None = 
                 time.sleep(0.2)  # a retry waiting for its backoff
                 continue
             break
+        ctx = JobContext.load(job.pk)
         for pk in ids:
-            if BatchJob.objects.filter(pk=job.pk).values_list("status", flat=True).first() != (
-                BatchJob.Status.RUNNING
+            status = task_run(task_id=pk, dispatch=False, ctx=ctx, finish=False)
+            if status in (None, BatchTask.Status.PENDING, BatchTask.Status.CANCELLED) and (
+                BatchJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+                != BatchJob.Status.RUNNING
             ):
-                return _summary(job)
-            status = task_run(task_id=pk, dispatch=False)
+                return _summary(job)  # paused or cancelled meanwhile
             if status and status != BatchTask.Status.PENDING and progress:
                 progress(1)
     job_finish_if_done(job.pk)

@@ -25,8 +25,24 @@ def batch_dispatch(job_id: str) -> dict:
     time_limit=960,
 )
 def batch_run_task(task_id: str) -> str | None:
-    """Claim and run one batch task (a no-op when it is not queued any more)."""
+    """Claim and run one batch task (a no-op when it is not queued any more); dispatch now
+    sends windows (``batch_run_window``): this one serves messages sent before."""
     return services.task_run(task_id=task_id)
+
+
+@shared_task(
+    name="jobs.batch.tasks.batch_run_window",
+    queue="long",
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=1800,
+    time_limit=1860,
+)
+def batch_run_window(job_id: str, task_ids: list[str]) -> dict:
+    """Claim and run a window of one model's queued tasks (each claimed atomically as it
+    starts; one already claimed or finished elsewhere is skipped), a few at a time, then top
+    up the job's dispatch."""
+    return services.tasks_run_window(job_id=job_id, task_ids=task_ids)
 
 
 @shared_task(name="jobs.batch.tasks.batch_stats", acks_late=True, ignore_result=True)

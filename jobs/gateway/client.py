@@ -236,6 +236,7 @@ def _with_retries(
     deadline_at: float,
     breaker: Breaker,
     meta: CallMeta,
+    reservation: Any = None,
 ) -> Any:
     """The provider's answer (a ProviderResponse; for ``chat_stream`` the first chunk and the
     iterator of the rest), retried on transient errors within the deadline."""
@@ -258,6 +259,8 @@ def _with_retries(
         if remaining <= 0:
             break
         meta.attempts = attempt
+        if attempt > 1:  # the write-ahead row counts the retry before it leaves
+            billing.llm_call_attempt(reservation=reservation, attempts=attempt)
         started = clock()
         try:
             if operation == "chat":
@@ -518,17 +521,26 @@ def _before(
         deadline_at=state.deadline_at,
         meta=meta,
     )
-    if worst > 0:
-        try:
-            state.reservation = billing.llm_budget_reserve(
-                amount=worst,
-                model=model.key,
-                feature=state.caller.feature,
-                request_id=meta.request_id,
-                ttl_s=max(60.0, state.deadline_at - clock() + 60.0),
-            )
-        except billing.BudgetExceeded as exc:
-            raise BudgetExceeded(exc.message, details=exc.details) from None
+    # Write-ahead: the ledger row (in flight, one attempt) and the worst-case hold on the
+    # budget are committed before the request leaves, so a process killed during the call
+    # still leaves the call in the ledger (``calls_recover`` settles it).
+    caller = state.caller
+    try:
+        state.reservation = billing.llm_call_open(
+            amount=worst,
+            ttl_s=max(60.0, state.deadline_at - clock() + 60.0),
+            cache_key=key,
+            user=caller.user,
+            feature=caller.feature,
+            subject=caller.subject,
+            attribution=caller.attribution,
+            provider=meta.provider,
+            model=meta.model,
+            operation=operation,
+            request_id=meta.request_id,
+        )
+    except billing.BudgetExceeded as exc:
+        raise BudgetExceeded(exc.message, details=exc.details) from None
 
 
 def _after(
@@ -602,6 +614,7 @@ def _call(
             deadline_at=state.deadline_at,
             breaker=state.breaker,
             meta=state.meta,
+            reservation=state.reservation,
         )
         raw = _after(
             state,
@@ -641,12 +654,49 @@ def _record(meta: CallMeta, caller: Caller, operation: str, outcome: str, reserv
         )
         meta.ledger_id = call.pk
     except Exception:
-        # The ledger must not hide the call's own outcome; release the hold (or it expires).
+        # The ledger must not hide the call's own outcome. A write-ahead row keeps its
+        # reservation (recovery settles both when it expires); a bare hold is released.
         logger.exception("gateway ledger write failed", extra={"request_id": meta.request_id})
+        if reservation is not None and getattr(reservation, "call_id", None):
+            return
         try:
             billing.llm_budget_release(reservation=reservation)
         except Exception:
             logger.exception("gateway reservation release failed")
+
+
+def _orphan_settlement(reservation) -> dict:
+    """How an orphaned call (its process died between the write-ahead row and the ledger)
+    settles: as answered, with its exact tokens and cost, when its answer reached the response
+    cache (the rerun of its task will be a cache hit); else as lost, at the held worst case."""
+    hit = response_cache.lookup(reservation.cache_key) if reservation.cache_key else None
+    model = _lookup(reservation.model) if hit is not None else None
+    if hit is None or model is None:
+        return {"outcome": "error:worker_lost"}
+    prompt, completion = int(hit["prompt_tokens"]), int(hit["completion_tokens"])
+    return {
+        "outcome": "ok",
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cost": call_cost(model, prompt, completion),
+    }
+
+
+billing.orphan_resolver = _orphan_settlement
+
+
+def calls_recover(*, subject_type=None, subject_ids=None, now=None) -> int:
+    """Settle the ledger rows of calls whose process died mid-call: those of the given
+    subjects (their worker is known dead, e.g. batch tasks reclaimed after a SIGKILL), or
+    (no subjects) every one whose reservation expired. Returns how many were settled."""
+    settled = 0
+    for reservation in billing.llm_orphans(
+        now=now, subject_type=subject_type, subject_ids=subject_ids
+    ):
+        settled += billing.llm_orphan_settle(
+            reservation=reservation, **_orphan_settlement(reservation)
+        )
+    return settled
 
 
 def _check_body(request: dict) -> dict:
@@ -811,6 +861,7 @@ def _stream(
             deadline_at=state.deadline_at,
             breaker=state.breaker,
             meta=meta,
+            reservation=state.reservation,
         )
         yield None
         ident, created = first.get("id"), first.get("created") or int(time.time())
