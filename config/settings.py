@@ -358,6 +358,9 @@ TRAINING_HEARTBEAT_TIMEOUT_S = env.int("TRAINING_HEARTBEAT_TIMEOUT_S", default=3
 TRAINING_MAX_DURATION_HOURS = env.float("TRAINING_MAX_DURATION_HOURS", default=48.0)
 TRAINING_MAX_RECOVERIES = env.int("TRAINING_MAX_RECOVERIES", default=3)
 TRAINING_CANCEL_GRACE_S = env.int("TRAINING_CANCEL_GRACE_S", default=120)
+# A queued (or recovering) job whose launch has not started after this long lost its launch
+# message (a broker restart without persistence): the reconcile enqueues it again.
+TRAINING_LAUNCH_REQUEUE_S = env.int("TRAINING_LAUNCH_REQUEUE_S", default=300)
 # Launch workers in the calling process instead of through Celery (the `train` command).
 TRAINING_LAUNCH_INLINE = env.bool("TRAINING_LAUNCH_INLINE", default=False)
 # Converted offline model weights (shared by every local worker).

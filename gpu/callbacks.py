@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from gpu.checkpoints import CRUCIBLE_STATE, publish_checkpoint
+from gpu.checkpoints import CRUCIBLE_STATE, publish_checkpoint_retrying
 from gpu.state import ResumeInfo, RunState
 
 log = logging.getLogger("crucible.worker.train")
@@ -186,7 +186,20 @@ class CrucibleCallback(TrainerCallback):
             log.error("checkpoint folder %s is missing; nothing published", local)
             return
         (local / CRUCIBLE_STATE).write_text(json.dumps(self.state_snapshot(), indent=1))
-        published = publish_checkpoint(self.storage, local, step)
+        published, problem = publish_checkpoint_retrying(self.storage, local, step)
+        if published is None:
+            # The storage stayed unreachable: training goes on and the next save tries again;
+            # without its manifest, this step's partial upload is never resumed from.
+            self.emitter.emit(
+                "warning",
+                {
+                    "code": "checkpoint_skipped",
+                    "message": f"Checkpoint at step {step} skipped: the storage failed "
+                    f"({problem}).",
+                    "details": {"step": step},
+                },
+            )
+            return
         self.run.last_checkpoint_uri = published["uri"]
         self.last_saved_step = step
         self.emitter.emit("checkpoint", published)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +58,46 @@ def publish_checkpoint(storage: Storage, local_dir: str | Path, step: int) -> di
         "manifest_uri": storage.uri(f"{rel}/{MANIFEST}"),
         "size_bytes": sum(entry["size"] for entry in manifest["files"]),
     }
+
+
+def publish_checkpoint_retrying(
+    storage: Storage,
+    local_dir: str | Path,
+    step: int,
+    *,
+    deadline_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[dict | None, str]:
+    """``publish_checkpoint`` again and again while the storage fails (an outage), for up to
+    ``deadline_s`` seconds (``CRUCIBLE_CHECKPOINT_PUBLISH_DEADLINE_S``, default 300).
+
+    Returns (published, "") or, once the deadline has passed, (None, why): the checkpoint is
+    skipped. Skipping is clean because the manifest goes up last: whatever files of this step
+    reached the storage have no manifest, so nothing ever resumes from them, and a retry that
+    succeeds rewrites every file before the manifest.
+    """
+    if deadline_s is None:
+        deadline_s = float(os.environ.get("CRUCIBLE_CHECKPOINT_PUBLISH_DEADLINE_S", "300"))
+    give_up_at = time.monotonic() + deadline_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return publish_checkpoint(storage, local_dir, step), ""
+        except Exception as exc:  # any storage error: boto's, a grant's HTTP, the disk's
+            problem = f"{type(exc).__name__}: {exc}"[:300]
+        delay = min(2.0 ** (attempt - 1), 10.0)
+        if time.monotonic() + delay > give_up_at:
+            log.error("checkpoint step %d not published after %d tries: %s", step, attempt, problem)
+            return None, problem
+        log.warning(
+            "checkpoint step %d: upload failed (%s); try %d again in %.0f s",
+            step,
+            problem,
+            attempt + 1,
+            delay,
+        )
+        sleep(delay)
 
 
 def checkpoint_steps(storage: Storage) -> list[int]:

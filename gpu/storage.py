@@ -45,7 +45,12 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None):
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": 8, "mode": "standard"},
+        # Each call rides out a short blip; a longer outage is the caller's to retry or skip
+        # (checkpoints: gpu/checkpoints.py publish_checkpoint_retrying).
+        retries={
+            "max_attempts": int(os.environ.get("CRUCIBLE_S3_MAX_ATTEMPTS") or 8),
+            "mode": "standard",
+        },
         s3={"addressing_style": "path"} if endpoint_url else {},
         connect_timeout=20,
         read_timeout=120,

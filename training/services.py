@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -718,6 +718,21 @@ def training_jobs_reconcile(
                 reason=f"no heartbeat for {int((now - job.last_heartbeat_at).total_seconds())} s",
             )
             summary["recovered"] += 1
+    # A job waiting for its launch longer than TRAINING_LAUNCH_REQUEUE_S lost its launch
+    # message (the broker restarted without persistence, or was flushed): enqueue it again.
+    # The launch claims the job once, so a message that was only slow does no harm. The
+    # wall clock, not ``now``: a message is lost in real time.
+    lost_before = timezone.now() - timedelta(seconds=settings.TRAINING_LAUNCH_REQUEUE_S)
+    summary["launches_requeued"] = 0
+    for job in jobs.filter(
+        status__in=(S.QUEUED, S.RECOVERING), executor_ref="", updated_at__lt=lost_before
+    ):
+        if TrainingJob.objects.filter(
+            pk=job.pk, status=job.status, updated_at=job.updated_at
+        ).update(updated_at=timezone.now()):
+            logger.warning("job %s waited %s for its launch: enqueued again", job.pk, job.status)
+            _enqueue_launch(job)
+            summary["launches_requeued"] += 1
     # A launch whose process died between claiming the job and storing the handle: try again
     # (a pod it may have created has no owner and is terminated by the orphan sweep).
     jobs.filter(
@@ -800,7 +815,11 @@ def training_event_receive(
                 payload=payload,
             )
     except IntegrityError:
-        return WebhookEvent.objects.get(event_id=event_id), False
+        event = WebhookEvent.objects.get(event_id=event_id)
+        # Stored, but the database went away before it was processed (the worker got a 5xx
+        # and sent it again): process it now, or it would be acknowledged and never applied.
+        training_event_process(event=event)
+        return event, False
     training_event_process(event=event)
     return event, True
 
@@ -821,12 +840,21 @@ def training_event_process(*, event: WebhookEvent) -> None:
     try:
         with transaction.atomic():
             job = TrainingJob.objects.select_for_update().get(pk=event.job_id)
+            # A resend of this event may be processing it too: the job's lock orders them.
+            if WebhookEvent.objects.filter(pk=event.pk, processed=True).exists():
+                return
             now = timezone.now()
             TrainingJob.objects.filter(pk=job.pk).update(last_event_at=now, last_heartbeat_at=now)
             if handler is not None:
                 handler(job, event.payload.get("data") or {})
+            WebhookEvent.objects.filter(pk=event.pk).update(processed=True, processed_at=now)
+        return
     except Conflict as exc:
         error = exc.message  # e.g. a late stage event for a finished job: kept, not applied
+    except (OperationalError, InterfaceError):
+        # The database is unreachable: the event stays unprocessed and the request fails
+        # (5xx), so the worker resends it and the resend processes it (above).
+        raise
     except Exception as exc:
         logger.exception("processing event %s failed", event.event_id)
         error = f"{type(exc).__name__}: {exc}"

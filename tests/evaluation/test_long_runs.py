@@ -28,6 +28,7 @@ import pytest
 from django.conf import settings as django_settings
 from django.test import Client
 
+from billing.models import BudgetAlert, NotificationLog
 from config import longtasks
 from config.celery import app
 from config.roles import Role
@@ -470,6 +471,12 @@ def test_a_run_whose_worker_is_killed_midway_is_restarted_and_completes(workers)
         30,
         "the second worker's task to end",
     )
+    # Restarted once and run once after the kill: another reconcile leaves the finished run
+    # alone, and nothing was announced twice (a validation run sends no notice or alert).
+    assert reconcile_long_tasks()["validation_runs"]["requeued"] == []
+    assert _succeeded(second_log, "evaluation.tasks.execute_validation_run") == 1
+    assert ValidationRun.objects.get(pk=run.pk).attempts == 2
+    assert not NotificationLog.objects.exists() and not BudgetAlert.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
