@@ -163,16 +163,25 @@ def test_no_context_and_index_management(browser, live_server, rag_setup):
     _wait(browser).until(
         ec.text_to_be_present_in_element((By.ID, "rag-indexes"), "'Moon only' is building")
     )
-    table = browser.find_element(By.ID, "kb-table").text
+    table = browser.execute_script("return document.getElementById('kb-table').innerText")
     assert "Building" in table and "Queued" in table
     _shoot_page(browser, "rag-5-building.png")
     from corpora.models import KnowledgeBase
 
     kb = KnowledgeBase.objects.get(name="Moon only")
     rag_setup["rag"].knowledge_base_refresh(kb_id=kb.pk)
+
     # The table polls while a build runs: it turns Ready on its own.
-    _wait(browser).until(lambda b: "Building" not in b.find_element(By.ID, "kb-table").text)
-    row = browser.find_element(By.ID, f"kb-{kb.pk}").text
+    # Read the text in one script call: htmx swaps the table while it polls, and an element
+    # found first and read later can be stale by then.
+    def text_of(element_id: str) -> str:
+        return browser.execute_script(
+            "const e = document.getElementById(arguments[0]); return e ? e.innerText : '';",
+            element_id,
+        )
+
+    _wait(browser).until(lambda b: "Building" not in text_of("kb-table"))
+    row = text_of(f"kb-{kb.pk}")
     assert "Ready" in row and "4" in row and "topic=space" in row
     _shoot_page(browser, "rag-6-ready.png")
     assert _console_errors(browser) == []

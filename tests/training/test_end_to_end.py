@@ -13,6 +13,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -74,20 +75,55 @@ def wait_for(job_id, predicate, timeout=900, reconcile_every=2.0):
     raise AssertionError(f"timed out in status {job.status} at step {job.current_step}\n{log}")
 
 
-def test_smoke_job_on_the_sample_file_completes_through_the_api(engineer_api, tmp_path):
-    training_file = upload(engineer_api, SAMPLE)
-    created = engineer_api.post(
-        "training/jobs",
+def test_smoke_job_on_the_sample_file_completes_through_the_api(
+    engineer_api, tmp_path, live_server, settings, monkeypatch
+):
+    """Also issue 12's acceptance: the platform serves on a random port with
+    CRUCIBLE_PUBLIC_URL unset, and a Smoke job started through the API over HTTP reaches
+    completed without any recovery (one real Smoke run carries both claims)."""
+    import requests
+
+    from config import addresses
+    from training.models import Recovery, WebhookEvent
+
+    settings.CRUCIBLE_PUBLIC_URL = ""  # nothing tells the platform its address
+    monkeypatch.setattr(addresses, "_noted", {})
+    port = urlparse(live_server.url).port
+    assert port != 8000
+    api = f"{live_server.url}/api/v1"
+    uploaded = requests.post(
+        f"{api}/training-files",
+        files={"file": ("sample.jsonl", SAMPLE.read_bytes())},
+        data={"name": "sample"},
+        headers=engineer_api._headers,
+        timeout=60,
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    created = requests.post(
+        f"{api}/training/jobs",
         json={
-            "training_file_id": training_file["id"],
+            "training_file_id": uploaded.json()["id"],
             "preset": "smoke",
             "name": "Smoke",
             "start": True,
         },
+        headers=engineer_api._headers,
+        timeout=120,
     )
-    assert created.status_code == 201, created.content
-    job = wait_for(created.json()["id"], lambda j: j.is_terminal)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    job = wait_for(job_id, lambda j: j.is_terminal, timeout=2400)
     assert job.status == JobStatus.COMPLETED, (job.error_type, job.error_message)
+    assert job.recovery_count == 0 and job.attempt == 1
+    assert not Recovery.objects.filter(job=job).exists()
+    assert "recovering" not in [t.to_status for t in job.transitions.all()]
+    # The worker was told the live server's own port, and its events arrived there.
+    spec = json.loads((Path(settings.DATA_DIR) / "jobs" / job_id / "spec-1.json").read_text())
+    assert spec["webhook"]["url"] == f"http://127.0.0.1:{port}/api/v1/training/webhook"
+    assert WebhookEvent.objects.filter(job=job, type="completed").exists()
+    # The job's page shows one validation loss, labelled with its step.
+    assert job.final_val_loss == job.latest_metrics["val_loss"]
+    assert job.latest_metrics["val_loss_step"] <= job.current_step
 
     # Stages in order.
     stages = [t.to_status for t in job.transitions.all()]
