@@ -9,23 +9,30 @@ model budget) need ``core.run_jobs``.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 from uuid import UUID
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
+from pydantic import StringConstraints
 
-from config.api_routes import ERRORS
+from config.api_routes import ERRORS, ErrorOut
 from config.auth import requires
 from config.errors import NotFound
 from corpora.models import KnowledgeBase
 from corpora.rag import services
 
+# An equality filter on metadata: non-empty keys, scalar values (rag.services._check_filter).
+MetadataFilter = dict[Annotated[str, StringConstraints(min_length=1)], str | int | float | bool]
+
 
 class IndexIn(Schema):
-    name: str = Field(..., description="A name for the knowledge base")
-    corpora: list[UUID] = Field(..., description="Corpus ids whose chunks it covers")
-    filter: dict = Field(
+    name: str = Field(
+        ..., max_length=200, pattern=r"\S", description="A name for the knowledge base"
+    )
+    corpora: list[UUID] = Field(..., min_length=1, description="Corpus ids whose chunks it covers")
+    filter: MetadataFilter = Field(
         default_factory=dict,
         description="Equality filter on chunk or document metadata, e.g. {'topic': 'space'}",
     )
@@ -77,14 +84,14 @@ class IndexOut(Schema):
 
 class QueryIn(Schema):
     index: UUID = Field(..., description="Knowledge base id")
-    question: str
+    question: str = Field(..., max_length=4000, pattern=r"\S")
     k: int = Field(services.DEFAULT_K, ge=1, le=services.MAX_K)
     threshold: float = Field(
         services.DEFAULT_THRESHOLD, ge=-1, le=1, description="Minimum cosine score of a context"
     )
     model: str = Field(services.DEFAULT_CHAT_MODEL, description="Chat model for the answer")
     profile: str | None = Field(None, description="Response profile ('name' or 'name@vN')")
-    filters: dict = Field(default_factory=dict, description="Equality filter on metadata")
+    filters: MetadataFilter = Field(default_factory=dict, description="Equality filter on metadata")
     hybrid: bool = Field(False, description="Fuse BM25 with the vector ranking (RRF)")
 
 
@@ -137,6 +144,11 @@ def _kb(index_id: UUID) -> KnowledgeBase:
 
 def _user(request: HttpRequest):
     return getattr(request, "auth", None) or request.user
+
+
+# The answer comes from a model through the gateway: its provider may fail, be unavailable or
+# time out (jobs/gateway/errors.py).
+MODEL_ERRORS = {502: ErrorOut, 503: ErrorOut, 504: ErrorOut}
 
 
 def build_router() -> Router:
@@ -199,7 +211,7 @@ def build_router() -> Router:
 
     @router.post(
         "/rag/query",
-        response={200: QueryOut, **ERRORS},
+        response={200: QueryOut, **ERRORS, **MODEL_ERRORS},
         auth=requires("run_jobs"),
         summary="Retrieve contexts and answer with checked citations",
     )

@@ -1,6 +1,6 @@
 """The public, OpenAI-compatible API under /v1/ (OpenAPI at /v1/openapi.json).
 
-A second django-ninja instance with the same token auth (``Authorization: Bearer <Crucible
+A second ``config.api.CrucibleAPI`` with the same token auth (``Authorization: Bearer <Crucible
 API token>``, so the ``openai`` SDK works with ``base_url=<crucible>/v1``), the same error
 envelope and handlers, request ids and per-token rate limits as /api/v1/. Everything goes
 through the model gateway (cache, budget, ledger, its own rate limits) via jobs/serving.py.
@@ -16,23 +16,22 @@ import base64
 import struct
 import time
 from decimal import Decimal
+from typing import Annotated, Literal
 
 import orjson
 from django.http import HttpRequest, StreamingHttpResponse
-from ninja import NinjaAPI, Schema
-from ninja.errors import Throttled
-from pydantic import ConfigDict, Field
+from ninja import Schema
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
-from config.api import api as main_api
-from config.auth import ApiTokenAuth, BrowserSessionAuth, CapabilityAuth, has_capability
+from config.api import CrucibleAPI, documented_errors
+from config.auth import CapabilityAuth, has_capability
 from config.errors import InvalidInput, PermissionDenied
-from config.ratelimit import TokenRateThrottle
 from jobs import serving
 from jobs.models import ChatResponse
 
 CHAT_CAPABILITIES = ("run_jobs", "score_validations")
 
-public_api = NinjaAPI(
+public_api = CrucibleAPI(
     title="Crucible OpenAI-compatible API",
     version="1-openai",
     description=(
@@ -42,21 +41,8 @@ public_api = NinjaAPI(
         "(a Crucible API token). Errors: "
         '`{"error": {"code", "message", "details", "request_id"}}`.'
     ),
-    auth=[ApiTokenAuth(), BrowserSessionAuth()],
-    throttle=[TokenRateThrottle()],
     urls_namespace="public_v1",
 )
-
-# One error envelope: the main API's handlers, registered on this instance too.
-for _exc_class, _handler in main_api._exception_handlers.items():
-    public_api.add_exception_handler(_exc_class, _handler)
-
-
-@public_api.exception_handler(Throttled)
-def _throttled(request: HttpRequest, exc: Throttled):
-    response = main_api._exception_handlers[Throttled](request, exc)
-    response["Retry-After"] = str(int(exc.wait or 1))
-    return response
 
 
 class ChatAuth(CapabilityAuth):
@@ -79,6 +65,12 @@ class ChatAuth(CapabilityAuth):
 
 CHAT_AUTH = [ChatAuth("run_jobs")]
 
+# Statuses (besides config.api's common 400/401/413/422/429) each kind of route answers, listed
+# in the OpenAPI document: a role that may not chat (403), an unknown model, profile or row
+# (404), the budget (409), and the model provider failing, unavailable or timing out.
+MODEL_CALL_ERRORS = documented_errors(403, 404, 409, 502, 503, 504)
+LOOKUP_ERRORS = documented_errors(404)
+
 
 # --- Schemas --------------------------------------------------------------------------------------
 
@@ -94,7 +86,7 @@ class ChatCompletionIn(Schema):
     ignored); ``profile`` is Crucible's extension (send it with ``extra_body``)."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1, max_length=270)
+    model: str = Field(min_length=1, max_length=270, examples=["offline/smollm2-135m-instruct"])
     messages: list[Message] = Field(min_length=1, max_length=200)
     stream: bool = False
     stream_options: dict | None = None
@@ -109,10 +101,15 @@ class ChatCompletionIn(Schema):
     profile: str | None = None
 
 
+Text = Annotated[str, StringConstraints(min_length=1)]
+
+
 class EmbeddingsIn(Schema):
     model_config = ConfigDict(extra="allow")
-    model: str = Field(min_length=1, max_length=270)
-    input: str | list[str]
+    model: str = Field(min_length=1, max_length=270, examples=["offline/all-minilm-l6-v2"])
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=256)] = Field(
+        description="One text, or 1 to 256 texts (none of them empty)"
+    )
     encoding_format: str | None = Field(default=None, pattern="^(float|base64)$")
 
 
@@ -126,13 +123,28 @@ class Controls(Schema):
 
 
 class ChatIn(Schema):
-    """The seed's simple contract: a model, messages or a prompt, a profile and controls."""
+    """The seed's simple contract: a model, messages or a prompt, a profile and controls.
+    Messages (at least one) or a prompt that is not blank is required."""
 
-    model: str = Field(min_length=1, max_length=270)
-    messages: list[Message] | None = Field(default=None, max_length=200)
-    prompt: str | None = Field(default=None, max_length=20000)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+            ]
+        }
+    )
+    model: str = Field(min_length=1, max_length=270, examples=["offline/smollm2-135m-instruct"])
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=200)
+    prompt: str | None = Field(default=None, max_length=20000, pattern=r"\S")
     profile: str | None = Field(default=None, description="name or name@vN; default balanced")
     controls: Controls = Field(default_factory=Controls)
+
+    @model_validator(mode="after")
+    def _messages_or_prompt(self):
+        if not self.messages and not (self.prompt and self.prompt.strip()):
+            raise ValueError("Send messages or a prompt.")
+        return self
 
 
 class ChatOut(Schema):
@@ -153,11 +165,39 @@ class ChatOut(Schema):
 
 
 class FeedbackIn(Schema):
+    """At least one of a thumb, a rating, a tag or a corrected answer that is not blank."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["thumb"], "properties": {"thumb": {"type": "integer"}}},
+                {"required": ["rating"], "properties": {"rating": {"type": "integer"}}},
+                {"required": ["tags"], "properties": {"tags": {"minItems": 1}}},
+                {
+                    "required": ["corrected_answer"],
+                    "properties": {"corrected_answer": {"pattern": r"\S"}},
+                },
+            ]
+        }
+    )
     response_id: int
-    thumb: int | None = Field(default=None, description="1 up, -1 down")
-    rating: int | None = Field(default=None, description="1-5")
-    tags: list[str] = Field(default_factory=list)
-    corrected_answer: str = ""
+    thumb: Literal[1, -1] | None = Field(default=None, description="1 up, -1 down")
+    rating: int | None = Field(default=None, ge=1, le=5, description="1-5")
+    tags: list[Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"\S")]] = (
+        Field(default_factory=list, max_length=10)
+    )
+    corrected_answer: str = Field(default="", max_length=20000)
+
+    @model_validator(mode="after")
+    def _something_given(self):
+        if (
+            self.thumb is None
+            and self.rating is None
+            and not self.tags
+            and not self.corrected_answer.strip()
+        ):
+            raise ValueError("Give a thumb, a rating, a tag or a corrected answer.")
+        return self
 
 
 class FeedbackOut(Schema):
@@ -311,7 +351,7 @@ def list_models(request: HttpRequest):
     return {"object": "list", "data": serving.models_listing()}
 
 
-@public_api.get("/models/{path:model_id}", summary="One model")
+@public_api.get("/models/{path:model_id}", summary="One model", openapi_extra=LOOKUP_ERRORS)
 def get_model(request: HttpRequest, model_id: str):
     for row in serving.models_listing():
         if row["id"] == model_id:
@@ -348,7 +388,12 @@ def list_profiles(request: HttpRequest):
     }
 
 
-@public_api.post("/chat/completions", auth=CHAT_AUTH, summary="Chat completion (OpenAI shape)")
+@public_api.post(
+    "/chat/completions",
+    auth=CHAT_AUTH,
+    summary="Chat completion (OpenAI shape)",
+    openapi_extra=MODEL_CALL_ERRORS,
+)
 def chat_completions(request: HttpRequest, payload: ChatCompletionIn):
     json_wanted = (payload.response_format or {}).get("type") in ("json_object", "json_schema")
     controls = serving.Controls(
@@ -378,10 +423,15 @@ def chat_completions(request: HttpRequest, payload: ChatCompletionIn):
     return answer.body
 
 
-@public_api.post("/embeddings", auth=CHAT_AUTH, summary="Embeddings (OpenAI shape)")
+@public_api.post(
+    "/embeddings",
+    auth=CHAT_AUTH,
+    summary="Embeddings (OpenAI shape)",
+    openapi_extra=MODEL_CALL_ERRORS,
+)
 def embeddings(request: HttpRequest, payload: EmbeddingsIn):
     inputs = [payload.input] if isinstance(payload.input, str) else payload.input
-    if not inputs or len(inputs) > 256:
+    if not inputs or len(inputs) > 256:  # the schema says so too (EmbeddingsIn)
         raise InvalidInput("input must hold 1 to 256 texts.", details={"field": "input"})
     body = serving.embeddings_create(user=_user(request), model=payload.model, inputs=inputs)
     if payload.encoding_format == "base64":
@@ -392,7 +442,13 @@ def embeddings(request: HttpRequest, payload: EmbeddingsIn):
     return body
 
 
-@public_api.post("/chat", auth=CHAT_AUTH, response=ChatOut, summary="Chat (the simple contract)")
+@public_api.post(
+    "/chat",
+    auth=CHAT_AUTH,
+    response=ChatOut,
+    summary="Chat (the simple contract)",
+    openapi_extra=MODEL_CALL_ERRORS,
+)
 def chat(request: HttpRequest, payload: ChatIn):
     if payload.messages:
         messages = _plain(payload.messages)
@@ -436,7 +492,13 @@ def chat(request: HttpRequest, payload: ChatIn):
     }
 
 
-@public_api.post("/feedback", auth=CHAT_AUTH, response={201: FeedbackOut}, summary="Feedback")
+@public_api.post(
+    "/feedback",
+    auth=CHAT_AUTH,
+    response={201: FeedbackOut},
+    summary="Feedback",
+    openapi_extra=documented_errors(403, 404),
+)
 def feedback(request: HttpRequest, payload: FeedbackIn):
     response = ChatResponse.objects.filter(pk=payload.response_id).first()
     if response is None:

@@ -12,6 +12,7 @@ import csv
 import io
 import re
 from datetime import datetime
+from typing import Literal
 from uuid import UUID
 
 import orjson
@@ -21,15 +22,18 @@ from ninja import File, Form, Query, Router, Schema
 from ninja.files import UploadedFile
 from pydantic import Field
 
+from config.api import documented_errors
 from config.errors import InvalidInput
 from evaluation.evals import aggregates as agg
 from evaluation.evals import datasets, rubrics, services
 from evaluation.models import BatchEval, EvalDataset, EvalRun
-from jobs.public_api import CHAT_AUTH
+from jobs.public_api import CHAT_AUTH, LOOKUP_ERRORS, MODEL_CALL_ERRORS
 
 router = Router(tags=["evaluation"])
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 NAME = re.compile(r"^[-a-zA-Z0-9_]{1,100}$")
+# The largest offset a history page may start at (a bigger one overflows the database's integer).
+MAX_OFFSET = 1_000_000_000
 
 
 # --- Schemas ------------------------------------------------------------------------------------
@@ -75,7 +79,9 @@ class BatchEvalIn(Schema):
 
 class SampleFilter(Schema):
     model: str | None = None
-    failure: str | None = Field(default=None, description="a taxonomy class, or 'any'")
+    failure: Literal[(*agg.FAILURES, "any")] | None = Field(  # type: ignore[valid-type]
+        default=None, description="a taxonomy class, or 'any'"
+    )
     passed: bool | None = None
     status: str | None = None
     dimension: str | None = Field(default=None, description="with bin_low/bin_high")
@@ -148,11 +154,17 @@ def batch_out(batch: BatchEval, *, with_aggregates: bool = True) -> dict:
 # --- Datasets and rubrics -----------------------------------------------------------------------
 
 
-@router.post("/datasets", auth=CHAT_AUTH, response={201: DatasetOut}, summary="Upload a dataset")
+@router.post(
+    "/datasets",
+    auth=CHAT_AUTH,
+    response={201: DatasetOut},
+    summary="Upload a dataset",
+    openapi_extra=documented_errors(403),
+)
 def dataset_upload(
     request: HttpRequest,
     file: File[UploadedFile],
-    name: Form[str],
+    name: str = Form(..., pattern=NAME.pattern),
     description: Form[str] = "",
 ):
     """JSONL, one sample a line: ``{"input", "reference"?, "contexts"?, "metadata"?, "id"?,
@@ -173,7 +185,12 @@ def dataset_list(request: HttpRequest):
     return list(EvalDataset.objects.all()[:500])
 
 
-@router.get("/datasets/{int:dataset_id}", response=DatasetOut, summary="One dataset")
+@router.get(
+    "/datasets/{int:dataset_id}",
+    response=DatasetOut,
+    summary="One dataset",
+    openapi_extra=LOOKUP_ERRORS,
+)
 def dataset_get(request: HttpRequest, dataset_id: int):
     from config.errors import NotFound
 
@@ -191,21 +208,35 @@ def rubric_list(request: HttpRequest):
 # --- Single evaluations -------------------------------------------------------------------------
 
 
-@router.post("/evaluate", auth=CHAT_AUTH, response={201: dict}, summary="Evaluate one sample")
+@router.post(
+    "/evaluate",
+    auth=CHAT_AUTH,
+    response={201: dict},
+    summary="Evaluate one sample",
+    openapi_extra=MODEL_CALL_ERRORS,
+)
 def evaluate(request: HttpRequest, payload: EvaluateIn):
     run = services.evaluation_create(user=request.auth, **payload.dict())
     return 201, run_out(run)
 
 
 @router.get("/evals", summary="Evaluation history (single evaluations, newest first)")
-def eval_list(request: HttpRequest, limit: int = Query(50, ge=1, le=500), offset: int = 0):
+def eval_list(
+    request: HttpRequest,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+):
     runs = EvalRun.objects.filter(batch__isnull=True).select_related("dataset")
     total = runs.count()
     page = list(runs[offset : offset + limit])
     return {"total": total, "data": [run_out(r) for r in page]}
 
 
-@router.get("/evals/{uuid:run_id}", summary="One evaluation run with its metadata")
+@router.get(
+    "/evals/{uuid:run_id}",
+    summary="One evaluation run with its metadata",
+    openapi_extra=LOOKUP_ERRORS,
+)
 def eval_get(request: HttpRequest, run_id: UUID):
     return run_out(services.evaluation_get(run_id))
 
@@ -213,7 +244,13 @@ def eval_get(request: HttpRequest, run_id: UUID):
 # --- Batch evaluations --------------------------------------------------------------------------
 
 
-@router.post("/batch-evals", auth=CHAT_AUTH, response={202: dict}, summary="Start a batch eval")
+@router.post(
+    "/batch-evals",
+    auth=CHAT_AUTH,
+    response={202: dict},
+    summary="Start a batch eval",
+    openapi_extra=documented_errors(403, 404, 409, 503),
+)
 def batch_create(request: HttpRequest, payload: BatchEvalIn):
     fields = payload.dict()
     fields["dataset_id"] = fields.pop("dataset")
@@ -228,12 +265,21 @@ def batch_list(request: HttpRequest, limit: int = Query(50, ge=1, le=500)):
     return {"data": [batch_out(b, with_aggregates=False) for b in batches]}
 
 
-@router.get("/batch-evals/{uuid:batch_id}", summary="Status, progress and aggregates")
+@router.get(
+    "/batch-evals/{uuid:batch_id}",
+    summary="Status, progress and aggregates",
+    openapi_extra=LOOKUP_ERRORS,
+)
 def batch_get(request: HttpRequest, batch_id: UUID):
     return batch_out(services.batch_eval_get(batch_id))
 
 
-@router.post("/batch-evals/{uuid:batch_id}/cancel", auth=CHAT_AUTH, summary="Cancel")
+@router.post(
+    "/batch-evals/{uuid:batch_id}/cancel",
+    auth=CHAT_AUTH,
+    summary="Cancel",
+    openapi_extra=documented_errors(403, 404),
+)
 def batch_cancel(request: HttpRequest, batch_id: UUID):
     return batch_out(services.batch_eval_cancel(batch=services.batch_eval_get(batch_id)))
 
@@ -269,7 +315,11 @@ def filtered_items(batch: BatchEval, f: SampleFilter):
     return rows
 
 
-@router.get("/batch-evals/{uuid:batch_id}/samples", summary="Drill-down to the items")
+@router.get(
+    "/batch-evals/{uuid:batch_id}/samples",
+    summary="Drill-down to the items",
+    openapi_extra=LOOKUP_ERRORS,
+)
 def batch_samples(request: HttpRequest, batch_id: UUID, filters: Query[SampleFilter]):
     batch = services.batch_eval_get(batch_id)
     rows = filtered_items(batch, filters)
@@ -295,8 +345,12 @@ EXPORT_COLUMNS = [
 ]
 
 
-@router.get("/batch-evals/{uuid:batch_id}/export", summary="Export items (jsonl or csv)")
-def batch_export(request: HttpRequest, batch_id: UUID, format: str = "jsonl"):
+@router.get(
+    "/batch-evals/{uuid:batch_id}/export",
+    summary="Export items (jsonl or csv)",
+    openapi_extra=LOOKUP_ERRORS,
+)
+def batch_export(request: HttpRequest, batch_id: UUID, format: Literal["jsonl", "csv"] = "jsonl"):
     batch = services.batch_eval_get(batch_id)
     rows = [
         run_out(r)
@@ -324,7 +378,11 @@ def batch_export(request: HttpRequest, batch_id: UUID, format: str = "jsonl"):
     raise InvalidInput("format must be jsonl or csv", details={"field": "format"})
 
 
-@router.get("/batch-evals/{uuid:batch_id}/metrics-snapshot", summary="Aggregates snapshot (JSON)")
+@router.get(
+    "/batch-evals/{uuid:batch_id}/metrics-snapshot",
+    summary="Aggregates snapshot (JSON)",
+    openapi_extra=LOOKUP_ERRORS,
+)
 def batch_snapshot(request: HttpRequest, batch_id: UUID):
     batch = services.batch_eval_get(batch_id)
     data = batch_out(batch)

@@ -161,3 +161,25 @@ def test_the_schema_states_the_page_bound_and_non_null_patch_fields():
         "type": "string",
     }
     assert patch["tags"]["type"] == "array"
+
+
+@pytest.mark.django_db
+def test_nul_characters_in_a_json_body_are_a_422_and_nothing_is_written(engineer, job):
+    before = job.name
+    response = engineer.patch(f"training/jobs/{job.pk}", json={"name": "a\u0000b"})
+    error = assert_envelope(response, 422)
+    assert "NUL" in error["message"]
+    job.refresh_from_db()
+    assert job.name == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("offset", ["+17:11", "-23:59", "+00:00"])
+def test_any_iso_offset_filters_jobs_in_utc(engineer, job, offset):
+    """PostgreSQL stores offsets up to +-15:59 only: the filter compares in UTC (a 500 once)."""
+    encoded = offset.replace("+", "%2B")
+    response = engineer.get(f"training/jobs?created_before=2999-09-16T12:50:59{encoded}")
+    assert response.status_code == 200, response.content
+    assert any(row["id"] == str(job.pk) for row in response.json()["items"])
+    early = engineer.get("training/jobs?created_before=0492-09-16T12:50:59%2B17:11")
+    assert early.status_code == 200 and early.json()["items"] == []
