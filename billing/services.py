@@ -31,6 +31,7 @@ from billing.models import (
     LlmReservation,
     MonthlyBudget,
 )
+from billing.signals import llm_call_settled
 from config.auth import has_capability
 from config.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 
@@ -979,6 +980,8 @@ def llm_orphan_settle(
             == 1
         )
         LlmReservation.objects.filter(pk=reservation.pk).delete()
+    if settled:
+        llm_call_settled.send(sender=LlmCall, call=LlmCall.objects.get(pk=reservation.call_id))
     return settled
 
 
@@ -1202,6 +1205,7 @@ def llm_call_record(
     )
     if reservation is None:
         call.save()
+        llm_call_settled.send(sender=LlmCall, call=call)
         return call
     with transaction.atomic():
         # The budget row's lock serialises the settlement with reservations: on PostgreSQL
@@ -1225,6 +1229,7 @@ def llm_call_record(
             call.pk = None
             call.save()
         LlmReservation.objects.filter(pk=reservation.pk).delete()
+    llm_call_settled.send(sender=LlmCall, call=call)
     return call
 
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from django.db.models.signals import post_save
-
 _connected = False
 
 
-def _llm_call_saved(sender, instance, created, **kwargs) -> None:
-    """The gateway's metrics hook: every ledger row (one per gateway call, cached or failed)
-    goes to config.metrics in the process that made the call."""
-    if not created:
-        return
+def _llm_call_settled(sender, call, **kwargs) -> None:
+    """The gateway's metrics hook: every settled ledger row (one per gateway call, cached or
+    failed) goes to config.metrics in the process that settled it."""
     from config import metrics
+
+    instance = call
 
     metrics.observe_llm_call(
         provider=instance.provider,
@@ -32,10 +30,11 @@ def connect() -> None:
         return
     _connected = True
     from billing.models import LlmCall
+    from billing.signals import llm_call_settled
     from config import metrics, tracing
     from evaluation.evals import kpis, tasks  # noqa: F401 - registers the Celery tasks
 
-    post_save.connect(_llm_call_saved, sender=LlmCall, dispatch_uid="crucible-llm-metrics")
+    llm_call_settled.connect(_llm_call_settled, sender=LlmCall, dispatch_uid="crucible-llm-metrics")
     metrics.register_gauges("evaluation", kpis.gauges)
     tracing.setup()
     try:
