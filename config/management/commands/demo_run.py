@@ -37,7 +37,12 @@ import psutil
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from config.management.commands.demo_setup import DEMO_PASSWORD, DEMO_USERNAME
+from config.management.commands.demo_setup import (
+    DEMO_PASSWORD,
+    DEMO_USERNAME,
+    chat_curl,
+    demo_samples_lines,
+)
 
 DEMO_FILE = "samples/training/financial_advisor_v1.jsonl"
 DEMO_JOB_NAME = "Demo: Elena Morales smoke run"
@@ -413,6 +418,9 @@ class Command(BaseCommand):
                 if token
                 else ""
             )
+            + "\nSample work on the offline models (the workers run what is still queued):\n"
+            + "\n".join(demo_samples_lines(url))
+            + ("\nOpenAI-compatible API (/v1/):\n  " + chat_curl(url, token.key) if token else "")
             + f"\nServing on {host} with the control and long Celery workers and beat; "
             f"logs in {log_dir}/.\nPress Ctrl-C to stop everything."
         )
