@@ -11,8 +11,9 @@
    polls). Baseline: the naive endpoint that returns every point (all rows serialised, as
    GET /api/v1/training/jobs/{id}/metrics does).
 
-Subject and baseline alternate request by request (the order flips every round), and each
-figure is the median of the same number of requests on both sides. The target is under
+Subject and baseline alternate request by request (bench/_alternate.py: the order flips every
+round), and each figure is the median of the same number of requests on both sides; the IQR
+and min-max of both sides are printed under each ratio. The target is under
 150 ms each. CRUCIBLE_BENCH_JOBS and CRUCIBLE_BENCH_POINTS shrink the data for a quick run.
 """
 
@@ -28,6 +29,8 @@ import statistics
 import time
 from datetime import timedelta
 from decimal import Decimal
+
+from bench._alternate import alternate, spread
 
 JOBS = int(os.environ.get("CRUCIBLE_BENCH_JOBS", "10000"))
 POINTS = int(os.environ.get("CRUCIBLE_BENCH_POINTS", "1000000"))
@@ -55,21 +58,6 @@ def _median_ms(fn, repeat: int, before=None) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-def _alternating_medians(subject, baseline, rounds: int, before=None) -> tuple[float, float]:
-    """Median ms of ``subject`` and ``baseline``, the same number of runs each, the order
-    flipping every round so neither always runs first."""
-    times: dict[str, list[float]] = {"subject": [], "baseline": []}
-    for round_ in range(rounds):
-        pair = [("subject", subject), ("baseline", baseline)]
-        for name, fn in pair if round_ % 2 == 0 else reversed(pair):
-            if before is not None:
-                before()
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return statistics.median(times["subject"]), statistics.median(times["baseline"])
 
 
 PLAIN_LIST_TEMPLATE = """<!doctype html><html><body><h1>Training jobs</h1>
@@ -240,14 +228,19 @@ def main() -> None:
             plain = url.replace("/training/", "/bench/plain-list/", 1)
             for warm in (url, plain):  # warm up (templates, caches)
                 assert client.get(warm).status_code == 200, warm
-            ours, baseline = _alternating_medians(
+            ours_ms, baseline_ms = alternate(
                 lambda u=url: client.get(u), lambda u=plain: client.get(u), rounds
             )
+            ours, baseline = statistics.median(ours_ms), statistics.median(baseline_ms)
             flag = "ok" if ours < TARGET_MS else "OVER TARGET"
             print(
                 f"list page, {JOBS:,} jobs, {name}: {ours:.1f} ms ({flag}); baseline (plain "
                 f"paginated ListView, same queryset) {baseline:.1f} ms; ratio baseline/ours "
                 f"{baseline / ours:.2f}x (median of {rounds} each, alternating)"
+            )
+            print(
+                f"  ours {spread(ours_ms, '.1f', 'ms')}; "
+                f"baseline {spread(baseline_ms, '.1f', 'ms')}"
             )
 
     # --- The chart --------------------------------------------------------------------
@@ -283,7 +276,8 @@ def main() -> None:
     naive_size = len(naive_endpoint().content) / 1024 / 1024
     # Cold (cache cleared before each) against the naive endpoint: 3 runs each, alternating.
     TrainingJob.objects.filter(pk=job.pk).update(status=JobStatus.TRAINING, completed_at=None)
-    cold, baseline = _alternating_medians(lambda: client.get(url), naive_endpoint, 3, cache.clear)
+    cold_ms, baseline_ms = alternate(lambda: client.get(url), naive_endpoint, 3, before=cache.clear)
+    cold, baseline = statistics.median(cold_ms), statistics.median(baseline_ms)
     for label, ms in (
         ("cold (nothing cached: MinMax range aggregates over every row, then LTTB)", cold),
         ("running job, again before its next step (cached)", warm_running),
@@ -301,3 +295,4 @@ def main() -> None:
         f"downsampled response: {len(data['train'])} + {len(data['val'])} + {len(data['lr'])} "
         f"points, {size_kb:.0f} KiB"
     )
+    print(f"  cold {spread(cold_ms, '.0f', 'ms')}; naive {spread(baseline_ms, '.0f', 'ms')}")

@@ -3,7 +3,9 @@
 Subject: ``gateway.chat`` (model lookup, settings, cache key, breaker state, budget reservation
 and settlement, the LlmCall ledger row, the openai SDK call) against the loopback
 OpenAI-compatible server of the tests. Baseline: the same request sent directly with the
-openai SDK (its own client, retries off) to the same server, alternating order in the same run.
+openai SDK (its own client, retries off) to the same server, in the same run: the two alternate
+call by call (bench/_alternate.py, the order flipping every round), N calls each, and every
+figure is a median (with its IQR and min-max) of the same number of calls on both sides.
 Targets: under 2 ms median added; a cache hit under 1 ms in-process.
 
 Variants: "miss" (a priced model, default cache: reservation, ledger row, and the answer
@@ -11,10 +13,13 @@ stored), "no-store" (the same without the cache write), "free" (price 0: no rese
 "hit" (the stored answer; no request).
 """
 
+import itertools
 import logging
 import statistics
 import time
 from decimal import Decimal
+
+from bench._alternate import alternate, spread
 
 N = 300
 
@@ -34,6 +39,9 @@ def _report(name: str, gateway_ms: list[float], direct_ms: list[float]) -> None:
         f"{_pct(gateway_ms, 0.99):.2f} vs direct {_pct(direct_ms, 0.99):.2f} ms "
         f"(p99 added {_pct(gateway_ms, 0.99) - _pct(direct_ms, 0.99):.2f} ms); ratio "
         f"{statistics.median(gateway_ms) / statistics.median(direct_ms):.2f}"
+    )
+    print(
+        f"{'':>9}  gateway {spread(gateway_ms, unit='ms')}; direct {spread(direct_ms, unit='ms')}"
     )
 
 
@@ -70,33 +78,20 @@ def main() -> None:
         direct = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0)
         body = {"messages": [{"role": "user", "content": "How much is a latte?"}], "max_tokens": 16}
 
-        def call_direct() -> float:
-            started = time.perf_counter()
+        def call_direct() -> None:
             direct.chat.completions.create(model="bench-chat", **body)
-            return (time.perf_counter() - started) * 1000
 
-        def call_gateway(model, **kw) -> float:
-            started = time.perf_counter()
-            gateway.chat(model=model.key, request=body, **kw)
-            return (time.perf_counter() - started) * 1000
-
+        run_index = itertools.count()  # a fresh run index a call: every "miss" is one
         variants = {
-            "miss": lambda i: call_gateway(priced, run_index=i),
-            "no-store": lambda i: call_gateway(priced, cache="no-store"),
-            "free": lambda i: call_gateway(free, cache="no-store"),
+            "miss": lambda: gateway.chat(model=priced.key, request=body, run_index=next(run_index)),
+            "no-store": lambda: gateway.chat(model=priced.key, request=body, cache="no-store"),
+            "free": lambda: gateway.chat(model=free.key, request=body, cache="no-store"),
         }
         for name, fn in variants.items():
-            for i in range(20):  # warm-up: connections, imports, the first queries
-                fn(-1 - i)
+            for _ in range(20):  # warm-up: connections, imports, the first queries
+                fn()
                 call_direct()
-            gateway_ms, direct_ms = [], []
-            for i in range(N):
-                if i % 2:
-                    direct_ms.append(call_direct())
-                    gateway_ms.append(fn(i))
-                else:
-                    gateway_ms.append(fn(i))
-                    direct_ms.append(call_direct())
+            gateway_ms, direct_ms = alternate(fn, call_direct, N)
             _report(name, gateway_ms, direct_ms)
 
         # A yardstick of this machine's speed: one indexed single-row ORM read.

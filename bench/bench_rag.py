@@ -15,6 +15,12 @@ sentences (so the gateway's cache cannot help either side), each built into a kn
 by ``knowledge_base_refresh`` (the build task's service: gateway calls with the offline
 MiniLM, ledger rows, segment in storage, entries). Subject: batches of 64 chunks per call
 (the default); baseline: one call per chunk. Target: batched >= 5x the per-chunk rate.
+
+Order (bench/_alternate.py): in the index part the exact and the approximate search take
+turns query by query, the first of the two flipping every query; in the embedding part the
+two builds alternate for ``BENCH_RAG_ROUNDS`` rounds (default 2: batched, per-chunk,
+per-chunk, batched), each build on a fresh corpus of its own seed. Every figure is a median
+(or a percentile) of the same number of runs on both sides, printed with the IQR and min-max.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import io
 import json
 import os
 import random
+import statistics
 import time
 
 import numpy as np
+
+from bench._alternate import rotate, spread
 
 DIMS = 384
 
@@ -69,20 +78,29 @@ def bench_index() -> None:
     rng = np.random.default_rng(11)
     picks = rng.choice(n, size=queries_n, replace=False)
     queries = vindex.normalise(vectors[picks] + rng.normal(0, 0.05, size=(queries_n, DIMS)))
-    exact_ms, ann_ms, hits = [], [], 0
-    for q in queries[:20]:  # warm-up (page faults, caches)
-        loaded.dense(q, 10, mask=np.ones(n, dtype=bool))
-        loaded.dense(q, 10)
     everything = np.ones(n, dtype=bool)  # a mask forces the exact path
-    for q in queries:
-        t0 = time.perf_counter()
-        exact = loaded.dense(q, 10, mask=everything)
-        t1 = time.perf_counter()
-        approx = loaded.dense(q, 10)
-        t2 = time.perf_counter()
-        exact_ms.append((t1 - t0) * 1000)
-        ann_ms.append((t2 - t1) * 1000)
-        hits += len({p for p, _ in exact} & {p for p, _ in approx})
+    for q in queries[:20]:  # warm-up (page faults, caches)
+        loaded.dense(q, 10, mask=everything)
+        loaded.dense(q, 10)
+    current: dict = {}
+    exact_found, approx_found = [], []
+
+    def next_query(i: int, _order) -> None:
+        current["q"] = queries[i]
+
+    samples = rotate(
+        [
+            ("exact", lambda: exact_found.append(loaded.dense(current["q"], 10, mask=everything))),
+            ("approx", lambda: approx_found.append(loaded.dense(current["q"], 10))),
+        ],
+        queries_n,
+        on_round=next_query,
+    )
+    exact_ms, ann_ms = samples["exact"], samples["approx"]
+    hits = sum(
+        len({p for p, _ in exact} & {p for p, _ in approx})
+        for exact, approx in zip(exact_found, approx_found, strict=True)
+    )
     recall = hits / (10 * queries_n)
     build_recall = vindex.measure_recall(ann, vectors)
     print(
@@ -90,15 +108,18 @@ def bench_index() -> None:
         f"  p50 {percentile(ann_ms, 50):6.2f} ms  p95 {percentile(ann_ms, 95):6.2f} ms  "
         f"recall@10 {recall:.3f} (the build's own estimate: {build_recall:.3f})"
     )
+    print(f"         {spread(ann_ms, unit='ms')}")
     print(
         f"baseline exact numpy top-k            p50 {percentile(exact_ms, 50):6.2f} ms  "
         f"p95 {percentile(exact_ms, 95):6.2f} ms  recall@10 1.000"
     )
+    print(f"         {spread(exact_ms, unit='ms')}")
     ok = percentile(ann_ms, 95) < 20 and recall >= 0.95
     print(
         f"ratio exact/approximate p50 = {percentile(exact_ms, 50) / percentile(ann_ms, 50):.1f}x; "
         f"target p95 < 20 ms at recall@10 >= 0.95: {'met' if ok else 'NOT met'} "
-        f"({queries_n} queries, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+        f"({queries_n} queries each, alternating, load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores)"
     )
     vindex.delete_files(vindex.manifest_paths(manifest))
     vindex.cache.clear()
@@ -176,17 +197,18 @@ def bench_embedding() -> None:
 
     n = int(os.environ.get("BENCH_RAG_EMBED_N", "400"))
     settings.GATEWAY_OFFLINE_DEVICE = os.environ.get("GATEWAY_OFFLINE_DEVICE", "cpu")
-    rates = {}
-    for label, batch, seed in (("batched", rag.EMBED_BATCH, 1), ("per-chunk", 1, 2)):
+    rounds = int(os.environ.get("BENCH_RAG_ROUNDS", "2"))
+    seeds = iter(range(1, 2 * rounds + 1))  # a fresh corpus a build: no cache hits
+
+    def build(label: str, batch: int) -> float:  # chunks/s
+        seed = next(seeds)
         corpus = corpus_services.corpus_create(
-            name=f"bench {label}", upload=io.BytesIO(synthetic_corpus(n, seed)), user=None
+            name=f"bench {label} {seed}", upload=io.BytesIO(synthetic_corpus(n, seed)), user=None
         )
         # (The build task it enqueues finds the row claimed by this process, or no worker.)
-        kb = rag.knowledge_base_create(name=f"bench {label}", corpus_ids=[corpus.pk], user=None)
-        if label == "batched":  # load the model outside the timing
-            from jobs import gateway
-
-            gateway.embed(model=kb.embedding_model, input=["warm up"], cache="no-store")
+        kb = rag.knowledge_base_create(
+            name=f"bench {label} {seed}", corpus_ids=[corpus.pk], user=None
+        )
         old = rag.EMBED_BATCH
         rag.EMBED_BATCH = batch
         try:
@@ -197,18 +219,36 @@ def bench_embedding() -> None:
             rag.EMBED_BATCH = old
         assert done is not None and done.status == "ready", done and done.error
         assert done.chunk_count == n and done.last_build["embed_calls"] == -(-n // batch)
-        rates[label] = n / seconds
         print(
             f"{'subject ' if label == 'batched' else 'baseline'} build, {label:9} "
-            f"(batch {batch:>2}): {n:,} chunks in {seconds:6.2f} s = {rates[label]:7.1f} "
+            f"(batch {batch:>2}): {n:,} chunks in {seconds:6.2f} s = {n / seconds:7.1f} "
             f"chunks/s, {done.last_build['embed_calls']} gateway calls"
         )
         rag.knowledge_base_delete(knowledge_base=done)
+        return n / seconds
+
+    # Load the model outside the timing.
+    from jobs import gateway
+
+    gateway.embed(model=rag.DEFAULT_EMBEDDING_MODEL, input=["warm up"], cache="no-store")
+    samples = rotate(
+        [
+            ("batched", lambda: build("batched", rag.EMBED_BATCH)),
+            ("per-chunk", lambda: build("per-chunk", 1)),
+        ],
+        rounds,
+        self_timed=True,
+    )
+    rates = {label: statistics.median(values) for label, values in samples.items()}
     ratio = rates["batched"] / rates["per-chunk"]
     print(
         f"ratio batched/per-chunk = {ratio:.1f}x; target >= 5x: "
         f"{'met' if ratio >= 5 else 'NOT met'} (offline MiniLM on "
         f"{settings.GATEWAY_OFFLINE_DEVICE}, load average {os.getloadavg()[0]:.1f})"
+    )
+    print(
+        f"chunks/s: batched {spread(samples['batched'], '.1f')}; per-chunk "
+        f"{spread(samples['per-chunk'], '.1f')} ({rounds} builds each, alternating)"
     )
 
 

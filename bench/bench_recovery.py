@@ -14,6 +14,12 @@ first training step (its first `metrics` event). Baseline, in the same run: the 
 launch, start -> first training step (the same work minus detection and checkpoint loading).
 Printed: the median subject with the checkpoint interval, the ratio to the baseline, and
 the seed's bound (resume within 10 minutes). Target: under 60 s plus the model load time.
+
+Not alternated, on purpose: the baseline is the same job's first launch and the subject its
+recoveries, so the baseline always comes first (a job cannot be preempted before it starts),
+and the sides are not the same number of runs (one launch, PREEMPTIONS recoveries). Both run
+in the same job on the same machine minutes apart; the subject is printed with its spread,
+and the ratio is median subject / the one baseline launch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench._alternate import spread
 
 REPO = Path(__file__).resolve().parents[1]
 PREEMPTIONS = 3
@@ -217,7 +225,8 @@ def main() -> None:
         print(f"baseline first launch -> first training step   {baseline:.1f} s")
         print(
             f"subject  preemption -> first step after resume  median {median:.1f} s "
-            f"(model load {load:.1f} s of it; {median - load:.1f} s without)"
+            f"(model load {load:.1f} s of it; {median - load:.1f} s without); "
+            f"{spread([r['total'] for r in rows], '.1f', 's', median=False)}"
         )
         print(
             f"ratio subject/baseline = {median / baseline:.2f}x; seed bound {SEED_BOUND_S:.0f} s: "

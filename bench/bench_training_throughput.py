@@ -7,8 +7,9 @@ packing: each micro-batch padded to its longest conversation), and TRL's own ``p
 (its best-fit-decreasing packing, padding-free), the best ordinary configuration.
 
 Each configuration runs ROUNDS times (CRUCIBLE_BENCH_ROUNDS, default 3); the order of the three
-rotates every round, so none always runs first on a warm or cold machine; every figure is the
-median of the same number of runs.
+rotates every round (bench/_alternate.py), so none always runs first on a warm or cold
+machine; every figure is the median of the same number of runs, printed with its IQR and
+min-max.
 
 Same model (the offline SmolLM2-135M-Instruct, float32 LoRA on CPU), same tokenized data (the
 same assistant-only labels), same optimizer settings and number of steps, same process. Only
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._alternate import rotate, spread  # noqa: E402
 
 STEPS = 4  # timed steps after one warm-up step
 MAX_SEQ_LENGTH = 512
@@ -262,20 +266,32 @@ def main() -> None:
         (f"TRL packing=True (batch {PACKED_BATCH}x{MAX_SEQ_LENGTH})", trl_packing),
         (f"worker, packed rows (batch {PACKED_BATCH}x{MAX_SEQ_LENGTH})", worker),
     ]
-    rates: dict[str, list[float]] = {label: [] for label, _ in subjects}
-    for round_ in range(ROUNDS):
-        order = subjects[round_ % 3 :] + subjects[: round_ % 3]  # rotate the order
-        print(f"round {round_ + 1}/{ROUNDS}: " + " -> ".join(label for label, _ in order))
-        for label, build in order:
+
+    def measured(label, build):
+        def run() -> float:  # real tokens/s
             with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
                 trainer, count = build(tmp)
-                rates[label].append(_run(label, trainer, count))
-                del trainer
+                try:
+                    return _run(label, trainer, count)
+                finally:
+                    del trainer
+
+        return label, run
+
+    rates = rotate(
+        [measured(label, build) for label, build in subjects],
+        ROUNDS,
+        self_timed=True,
+        on_round=lambda i, order: print(f"round {i + 1}/{ROUNDS}: " + " -> ".join(order)),
+    )
 
     medians = {label: statistics.median(values) for label, values in rates.items()}
     (default_label, _), (packing_label, _), (worker_label, _) = subjects
     for label, value in medians.items():
-        print(f"median of {ROUNDS}: {label:<36} {value:8.1f} tokens/s")
+        print(
+            f"median of {ROUNDS}: {label:<36} {value:8.1f} tokens/s "
+            f"({spread(rates[label], '.1f', median=False)})"
+        )
     print(
         f"ratio worker/TRL default = {medians[worker_label] / medians[default_label]:.2f}x; "
         f"ratio worker/TRL packing=True = {medians[worker_label] / medians[packing_label]:.2f}x "
