@@ -22,7 +22,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings as django_settings
@@ -53,6 +52,7 @@ from tests.evaluation.core_fixtures import (  # noqa: F401
     make_completed_job,
 )
 from tests.factories import UserFactory
+from tests.workers import database_url, reset_broker_pools
 
 ROOT = Path(django_settings.BASE_DIR)
 CELERY = Path(sys.executable).parent / "celery"
@@ -287,32 +287,13 @@ def test_cancel_page_action_needs_a_login(client, pending_run):
 # --- Real workers -----------------------------------------------------------------------------
 
 
-def _database_url() -> str:
-    from django.db import connection
-
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = f"{quote(db['USER'] or '')}:{quote(str(db['PASSWORD'] or ''))}@"
-    return f"postgres://{auth}{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def _reset_connection_pools():
-    from kombu import pools
-
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    pools.reset()
-
-
 @pytest.fixture
 def workers(tmp_path, settings):
     """Starts real worker processes on this test's database and its own broker folder (the
     configured Redis in production mode), and stops whatever is left at the end."""
     broker = tmp_path / "broker"
     original = dict(app.conf.broker_transport_options)
-    _reset_connection_pools()
+    reset_broker_pools()
     if app.conf.broker_url.startswith("filesystem"):
         for folder in ("queue", "processed", "control"):
             (broker / folder).mkdir(parents=True)
@@ -330,7 +311,7 @@ def workers(tmp_path, settings):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url(),
         "CELERY_BROKER_DIR": str(broker),
         "LONG_TASK_STALE_AFTER_S": "3",
         "EVALUATION_BOOTSTRAP": "200",
@@ -396,7 +377,7 @@ def workers(tmp_path, settings):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     app.conf.broker_transport_options = original
-    _reset_connection_pools()
+    reset_broker_pools()
 
 
 def _succeeded(log: Path, task: str, what: str = "succeeded") -> int:

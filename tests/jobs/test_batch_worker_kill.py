@@ -25,47 +25,17 @@ from jobs.batch.models import BatchJob, BatchTask
 from jobs.models import RegisteredModel
 from tests.jobs.batch_support import json_completion, narratives  # noqa: F401
 from tests.jobs.openai_server import fast_gateway, loopback_model, openai_server  # noqa: F401
+from tests.workers import database_url, reset_broker_pools, wait_until
 
 ROOT = Path(django_settings.BASE_DIR)
 CELERY = Path(sys.executable).parent / "celery"
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _database_url() -> str:
-    from urllib.parse import quote
-
-    from django.db import connection
-
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = f"{quote(db['USER'] or '')}:{quote(str(db['PASSWORD'] or ''))}@"
-    return f"postgres://{auth}{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def _reset_pools():
-    from kombu import pools
-
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    pools.reset()
 
 
 @pytest.fixture
 def worker(tmp_path, settings):
     broker = tmp_path / "broker"
     original = dict(app.conf.broker_transport_options)
-    _reset_pools()
+    reset_broker_pools()
     if app.conf.broker_url.startswith("filesystem"):
         for folder in ("queue", "processed", "control"):
             (broker / folder).mkdir(parents=True)
@@ -82,7 +52,7 @@ def worker(tmp_path, settings):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url(),
         "CELERY_BROKER_DIR": str(broker),
         "LONG_TASK_STALE_AFTER_S": "3",
         "BATCH_LIVE_STATS": "0",
@@ -129,7 +99,7 @@ def worker(tmp_path, settings):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     app.conf.broker_transport_options = original
-    _reset_pools()
+    reset_broker_pools()
 
 
 @pytest.mark.slow
@@ -164,7 +134,7 @@ def test_sigkill_mid_job_then_restart_gives_exactly_2000_results(
 
     first = worker()
     done = lambda: job.tasks.filter(status="succeeded").count()  # noqa: E731
-    _wait(lambda: done() >= 500, 1200, "500 tasks to finish")
+    wait_until(lambda: done() >= 500, 1200, "500 tasks to finish")
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool, as an OOM kill would
     first.wait(timeout=10)
     at_kill = done()
@@ -172,7 +142,7 @@ def test_sigkill_mid_job_then_restart_gives_exactly_2000_results(
     time.sleep(3.5)  # the killed worker's claims go stale
     recovered = services.batch_reconcile()  # what the beat's reconcile runs every minute
     second = worker()
-    _wait(
+    wait_until(
         lambda: BatchJob.objects.get(pk=job.pk).status == "completed",
         2400,  # a shared two-core CI runner managed about 2 tasks/s
         f"the job to complete (recovered {recovered}, {done()} done)",

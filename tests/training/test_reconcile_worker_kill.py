@@ -28,7 +28,6 @@ from datetime import timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings as django_settings
@@ -39,41 +38,13 @@ from billing.services import month_start
 from config.celery import app
 from tests.billing.conftest import make_job
 from tests.factories import UserFactory
+from tests.workers import database_url, reset_broker_pools, wait_until
 from training.models import JobStatus, JobTransition, Recovery, TrainingJob
 
 ROOT = Path(django_settings.BASE_DIR)
 CELERY = Path(sys.executable).parent / "celery"
 RECONCILE = "training.tasks.reconcile_training_jobs"
 S = JobStatus
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _database_url() -> str:
-    from django.db import connection
-
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    auth = f"{quote(db['USER'] or '')}:{quote(str(db['PASSWORD'] or ''))}@"
-    return f"postgres://{auth}{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-def _reset_connection_pools():
-    from kombu import pools
-
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    pools.reset()
 
 
 class HangingSlack:
@@ -133,7 +104,7 @@ def workers(tmp_path, slack):
     queue = f"reconcile-kill-{uuid.uuid4().hex[:8]}"
     broker = tmp_path / "broker"
     original = dict(app.conf.broker_transport_options)
-    _reset_connection_pools()
+    reset_broker_pools()
     filesystem = app.conf.broker_url.startswith("filesystem")
     if filesystem:
         for folder in ("queue", "processed", "control"):
@@ -148,7 +119,7 @@ def workers(tmp_path, slack):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url(),
         "CELERY_BROKER_DIR": str(broker),
         "SLACK_WEBHOOK_URL": slack.url,
         # The killed worker's claim on the alert it was sending expires quickly.
@@ -184,7 +155,7 @@ def workers(tmp_path, slack):
             start_new_session=True,  # its own process group: a kill takes its pool with it
         )
         started.append(proc)
-        _wait(
+        wait_until(
             lambda: " ready." in log.read_text() or proc.poll() is not None,
             90,
             "the worker to start",
@@ -207,7 +178,7 @@ def workers(tmp_path, slack):
             for name in (queue, "control"):  # this test's queue, the recovery's launch
                 conn.default_channel.queue_purge(name)
     app.conf.broker_transport_options = original
-    _reset_connection_pools()
+    reset_broker_pools()
 
 
 def _succeeded(log: Path) -> int:
@@ -278,11 +249,11 @@ def test_a_reconcile_killed_midway_finishes_after_restart_with_each_effect_once(
             last_sent = time.monotonic()
         return finished()
 
-    _wait(beat_until_finished, 90, "the restarted worker to finish the reconcile's work")
+    wait_until(beat_until_finished, 90, "the restarted worker to finish the reconcile's work")
     # Once more after everything is done: nothing happens twice.
     done_before = _succeeded(log)
     workers.reconcile()
-    _wait(lambda: _succeeded(log) > done_before, 60, "one more reconcile")
+    wait_until(lambda: _succeeded(log) > done_before, 60, "one more reconcile")
 
     alert = BudgetAlert.objects.get()  # one alert
     assert set(alert.delivery) == {"email", "slack"} and alert.delivery["slack"]["ok"]
