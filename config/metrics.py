@@ -187,13 +187,27 @@ def mark_process_dead(pid: int | None = None) -> None:
 
 
 def reset_dir() -> int:
-    """Delete every process's metric files: call only when no web or worker process is running
-    (the demo supervisor does, before it starts its children), since multiprocess counters of
-    processes that no longer exist are otherwise summed in forever. Returns the files deleted."""
+    """Delete the metric files of processes that no longer run (prometheus_client names each
+    file after its process: ``counter_<pid>.db``), since multiprocess counters of dead
+    processes are otherwise summed in forever. A running process's files stay: deleting them
+    would hide everything it counts from then on (it keeps writing to the unlinked file).
+    The demo supervisor calls this before it starts its processes. Returns the files deleted."""
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     deleted = 0
     for name in os.listdir(folder):
-        if name.endswith(".db"):
-            os.remove(os.path.join(folder, name))
-            deleted += 1
+        stem, _, pid = name.removesuffix(".db").rpartition("_")
+        if not name.endswith(".db") or not stem or not pid.isdigit() or _alive(int(pid)):
+            continue
+        os.remove(os.path.join(folder, name))
+        deleted += 1
     return deleted
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -5,6 +5,7 @@ the test; /metrics is protected; tracing stays off without an OTLP endpoint."""
 # ruff: noqa: F811  (fixtures imported from other modules are redefined as arguments)
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -147,14 +148,26 @@ def test_multiprocess_directory_is_under_the_data_dir(settings):
     assert metrics.registry() is not None
 
 
-def test_reset_dir_deletes_the_metric_files_of_earlier_processes(tmp_path, monkeypatch):
+def test_reset_dir_deletes_the_metric_files_of_dead_processes_only(tmp_path, monkeypatch):
     """The demo supervisor clears the multiprocess folder before it starts its processes, so
-    counters of processes from earlier runs are not summed in forever."""
+    counters of processes from earlier runs are not summed in forever; a live process's files
+    stay (deleting them would hide what it counts from then on)."""
+    import subprocess
+    import sys
+
     from config import metrics
 
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    (tmp_path / "counter_4242.db").write_bytes(b"x")
-    (tmp_path / "histogram_4242.db").write_bytes(b"x")
+    (tmp_path / f"counter_{dead_pid}.db").write_bytes(b"x")
+    (tmp_path / f"histogram_{dead_pid}.db").write_bytes(b"x")
+    (tmp_path / f"counter_{os.getpid()}.db").write_bytes(b"x")
     (tmp_path / "README").write_text("kept")
     assert metrics.reset_dir() == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README", f"counter_{os.getpid()}.db"]
