@@ -238,6 +238,11 @@ def test_main_path_smoke_job_from_the_form(browser, live_server, ada, settings):
     sample = root / "samples" / "training" / "financial_advisor_v1.jsonl"
     with sample.open("rb") as handle:
         training_file = training_file_create(name="advisor-sample", upload=handle, user=ada)
+    # The page path is the claim here, not the training: Smoke is cut to four short steps
+    # (the full Smoke run is tests/training/test_end_to_end.py's).
+    from tests.training.conftest import shrink_smoke_preset
+
+    shrink_smoke_preset()
 
     _sign_in(browser, live_server, "ada", PASSWORD)
     _wait(browser).until(ec.url_to_be(f"{live_server.url}/"))

@@ -244,18 +244,10 @@ def test_feedback_to_training_file_to_smoke_job_that_completes(live_server, sett
         )
         for i in range(12)
     ]
-    # The product path starts the Smoke preset; here that preset is cut to two short steps
-    # (the claim is the path from feedback to a registered adapter, not the training itself).
-    from training.models import Preset
+    # The product path starts the Smoke preset; here it is cut to two short steps.
+    from tests.training.conftest import shrink_smoke_preset
 
-    smoke = Preset.objects.get(key="smoke")
-    smoke.hyperparameters = {
-        **smoke.hyperparameters,
-        "max_steps": 2,
-        "checkpoint_every_steps": 2,
-        "max_seq_length": 256,
-    }
-    smoke.save(update_fields=["hyperparameters"])
+    shrink_smoke_preset(max_steps=2)
     lineage = serving.feedback_training_file_create(feedback_ids=[f.pk for f in items], user=user)
     job = serving.feedback_training_job_start(lineage=lineage, user=user)
     assert job.preset.key == "smoke" and job.configuration["hyperparameters"]["max_steps"] == 2

@@ -126,3 +126,20 @@ def post_event(client):
         )
 
     return send
+
+
+def shrink_smoke_preset(**hyperparameters) -> Preset:
+    """Cut the Smoke preset to a few steps for a test whose claim is a path through the
+    product (a page, a resume, a hand-off), not the training itself: one real full-length
+    Smoke run (tests/training/test_end_to_end.py) is enough for the suite. Its sequence
+    length stays (the sample's rows need it). The test database
+    is flushed afterwards, and the catalogue re-creates the preset (post_migrate)."""
+    smoke = Preset.objects.get(key="smoke")
+    smoke.hyperparameters = {
+        **smoke.hyperparameters,
+        "max_steps": 4,
+        "checkpoint_every_steps": 2,
+        **hyperparameters,
+    }
+    smoke.save(update_fields=["hyperparameters"])
+    return smoke

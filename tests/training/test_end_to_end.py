@@ -195,6 +195,10 @@ def test_smoke_job_on_the_sample_file_completes_through_the_api(
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_completes(engineer_api):
+    from tests.training.conftest import shrink_smoke_preset
+
+    # Six short steps, a checkpoint every two: killed after the first, resumed from it.
+    shrink_smoke_preset(max_steps=6)
     training_file = upload(engineer_api, SAMPLE)
     job_id = engineer_api.post(
         "training/jobs",
@@ -221,7 +225,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_completes(engineer_api)
     check = job.resume_check
     assert check["passed"] is True, check
     assert check["resumed_from_step"] == recovery.from_step
-    assert job.current_step == job.total_steps == 12
+    assert job.current_step == job.total_steps == 6
     assert job.attempt == 2
 
 
