@@ -9,8 +9,9 @@ Also: adapter switch cost (loading an adapter, and alternating between resident 
 against staying on one), and time to first token of a streamed answer.
 
 Runs on the GPU when one is there (``--device auto``), else on the CPU; the device is printed
-with the figures. No Django needed (the server is Django-free), so it also runs alone:
-``python bench/bench_serve.py``.
+with the figures. The two modes run in alternating order for BENCH_SERVE_ROUNDS rounds each
+(default 2; medians with their spread). No Django needed (the server is Django-free), so it
+also runs alone: ``python bench/bench_serve.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench._alternate import rotate, spread  # noqa: E402
 
 CONCURRENT = 16
 ADAPTERS = 3
@@ -173,31 +176,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
         names = [p.name for p in _adapters(base_dir, root)]
-        results = {}
-        for label, batch in (("one at a time", False), ("dynamic batching", True)):
-            server = Server(base_dir, root, batch=batch, device=device)
-            try:
-                seconds, answers = _burst(server.url, names)
-                sizes = [a["crucible"]["batch_size"] for a in answers]
-                tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-                results[label] = (seconds, answers)
+        rounds = int(os.environ.get("BENCH_SERVE_ROUNDS", "2"))
+        modes = (("one at a time", False), ("dynamic batching", True))
+        # Both servers stay up for the whole run; the bursts alternate which mode goes first
+        # each round (bench/_alternate.py), the same number of rounds on each side.
+        servers = {
+            label: Server(base_dir, root, batch=batch, device=device) for label, batch in modes
+        }
+        try:
+            answers: dict[str, list[dict]] = {}
+
+            def burst(label: str):
+                def run() -> float:
+                    seconds, out = _burst(servers[label].url, names)
+                    answers.setdefault(label, out)
+                    return seconds
+
+                return run
+
+            samples = rotate([(label, burst(label)) for label, _ in modes], rounds, self_timed=True)
+            for label, _ in modes:
+                seconds = statistics.median(samples[label])
+                sizes = [a["crucible"]["batch_size"] for a in answers[label]]
+                tokens = sum(a["usage"]["completion_tokens"] for a in answers[label])
                 print(
                     f"{label:17s}: {CONCURRENT} requests over {ADAPTERS} adapters in "
                     f"{seconds:6.2f} s = {CONCURRENT / seconds:6.2f} req/s, "
                     f"{tokens / seconds:7.1f} tok/s; batch sizes {sorted(set(sizes))}, "
-                    f"{server.engine.stats['batches']} generate calls in all"
+                    f"{servers[label].engine.stats['batches']} generate calls in all"
                 )
-                if batch:
-                    loads = server.engine.stats
-                    load_ms = 1000 * loads["adapter_load_s"] / max(1, loads["adapter_loads"])
-                    alternating, same = _switch_cost(server.url, names)
-                    ttft = _ttft(server.url, names[0])
-                    ttft_base = _ttft(server.url, "smollm2-135m-instruct")
-            finally:
+                print(f"  {spread(samples[label], unit='s')} ({rounds} rounds, alternating)")
+            batched_server = servers["dynamic batching"]
+            loads = batched_server.engine.stats
+            load_ms = 1000 * loads["adapter_load_s"] / max(1, loads["adapter_loads"])
+            alternating, same = _switch_cost(batched_server.url, names)
+            ttft = _ttft(batched_server.url, names[0])
+            ttft_base = _ttft(batched_server.url, "smollm2-135m-instruct")
+        finally:
+            for server in servers.values():
                 server.stop()
-        one = results["one at a time"][0]
-        batched = results["dynamic batching"][0]
-        pairs = zip(results["one at a time"][1], results["dynamic batching"][1], strict=True)
+        one = statistics.median(samples["one at a time"])
+        batched = statistics.median(samples["dynamic batching"])
+        pairs = zip(answers["one at a time"], answers["dynamic batching"], strict=True)
         same_text = sum(
             a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
             for a, b in pairs
