@@ -530,14 +530,7 @@ def _before(
             amount=worst,
             ttl_s=max(60.0, state.deadline_at - clock() + 60.0),
             cache_key=key,
-            user=caller.user,
-            feature=caller.feature,
-            subject=caller.subject,
-            attribution=caller.attribution,
-            provider=meta.provider,
-            model=meta.model,
-            operation=operation,
-            request_id=meta.request_id,
+            **_ledger_identity(meta, caller, operation),
         )
     except billing.BudgetExceeded as exc:
         raise BudgetExceeded(exc.message, details=exc.details) from None
@@ -631,18 +624,26 @@ def _call(
         _end(state)
 
 
+def _ledger_identity(meta: CallMeta, caller: Caller, operation: str) -> dict:
+    """Who made the call and what it was: the same on its write-ahead row and its settlement."""
+    return {
+        "user": caller.user,
+        "feature": caller.feature,
+        "subject": caller.subject,
+        "attribution": caller.attribution,
+        "provider": meta.provider,
+        "model": meta.model,
+        "operation": operation,
+        "request_id": meta.request_id,
+    }
+
+
 def _record(meta: CallMeta, caller: Caller, operation: str, outcome: str, reservation) -> None:
     """The call's ledger row; its reservation settles in the same transaction."""
     try:
         call = billing.llm_call_record(
             reservation=reservation,
-            user=caller.user,
-            feature=caller.feature,
-            subject=caller.subject,
-            attribution=caller.attribution,
-            provider=meta.provider,
-            model=meta.model,
-            operation=operation,
+            **_ledger_identity(meta, caller, operation),
             prompt_tokens=meta.prompt_tokens,
             completion_tokens=meta.completion_tokens,
             cost=meta.cost,
@@ -650,7 +651,6 @@ def _record(meta: CallMeta, caller: Caller, operation: str, outcome: str, reserv
             attempts=meta.attempts,
             cached=meta.cached,
             outcome=outcome,
-            request_id=meta.request_id,
         )
         meta.ledger_id = call.pk
     except Exception:
