@@ -7,7 +7,7 @@ class EvaluationConfig(AppConfig):
 
     def ready(self) -> None:
         # Issue 17: datasets, evaluations, batch evaluations and metrics on the public /v1/ API,
-        # the Celery tasks of batch evaluations, the gateway-call metrics hook, scrape-time
+        # the gateway-call metrics hook, scrape-time
         # gauges and the tracing hooks (config imports no app, so the wiring is here).
         from evaluation.evals import wiring
 

@@ -340,7 +340,9 @@ class EvalSample(models.Model):
 
 
 class BatchEval(models.Model):
-    """A batch evaluation: every (sample x model x run) of a dataset scored with one rubric."""
+    """A batch evaluation: every (sample x model x run) of a dataset scored with one rubric.
+    It runs as a batch job of kind 'eval' (``job``: the engine's tasks, dispatch, retries and
+    recovery); its items are the scored results, one per task."""
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -354,6 +356,14 @@ class BatchEval(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200, blank=True)
     dataset = models.ForeignKey(EvalDataset, on_delete=models.PROTECT, related_name="batches")
+    job = models.OneToOneField(
+        "jobs.BatchJob",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="batch_eval",
+        help_text="The batch job that runs it",
+    )
     rubric = models.CharField(max_length=100)
     rubric_version = models.CharField(max_length=32)
     rubric_sha256 = models.CharField(max_length=64)
@@ -400,12 +410,21 @@ class EvalRun(models.Model):
         TIMEOUT = "timeout", "Timeout"
         PROVIDER_ERROR = "provider_error", "Provider error"
         BELOW_THRESHOLD = "below_threshold", "Below threshold"
+        PLATFORM_ERROR = "platform_error", "Platform error"  # worker lost, crash
 
     OPEN = (Status.PENDING, Status.QUEUED, Status.RUNNING)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     batch = models.ForeignKey(
         BatchEval, null=True, blank=True, on_delete=models.CASCADE, related_name="items"
+    )
+    task = models.OneToOneField(
+        "jobs.BatchTask",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="eval_result",
+        help_text="The batch task this item is the result of (one result per task)",
     )
     dataset = models.ForeignKey(
         EvalDataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

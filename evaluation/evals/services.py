@@ -1,14 +1,10 @@
 """Single and batch evaluations.
 
-A batch evaluation runs on the batch engine's machinery (jobs/batch/services.py): its
-per-model dispatch window (``window_size``: the model's rate limit over the window), its
-code version for the frozen parameters, and the same claim/heartbeat discipline (atomic
-``filter(status=X).update(...) == 1`` claims, a Celery task per item on the long queue that
-takes an id, bounded dispatch that refills as items finish). The engine's BatchTask row is
-tied to a corpus chunk and a framework version (non-null foreign keys); a rubric over dataset
-samples is not a framework over chunks, so the smallest generalisation lives here: EvalRun is
-the item row (sample x model x run) and this module its dispatcher, reusing the engine's
-helpers rather than copying them.
+A batch evaluation is a batch job of kind 'eval' (evaluation/evals/batch.py): the engine of
+jobs/batch runs it (bulk task creation with deterministic ids, per-model dispatch windows,
+atomic claims, retries of transient errors with backoff and Retry-After, crash recovery,
+cancel), and this app's kind scores each task's sample into its item (an EvalRun, one per
+task). A single evaluation runs here, inline.
 """
 
 from __future__ import annotations
@@ -16,14 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Callable
-from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q
 from django.utils import timezone
 
 from config.errors import CrucibleError, InvalidInput, NotFound
@@ -34,8 +27,9 @@ from jobs import gateway
 
 logger = logging.getLogger("crucible.evals")
 
+EVAL_KIND = "eval"  # the batch job kind of batch evaluations (evaluation/evals/batch.py)
+
 MAX_BATCH_ITEMS = 20_000
-ITEM_MAX_ATTEMPTS = 3
 DEFAULT_DECODING = {"temperature": 0, "max_tokens": 128, "seed": 1}
 DEFAULT_EMBED_MODEL = "offline/all-minilm-l6-v2"
 
@@ -102,7 +96,7 @@ def classify(exc: Exception) -> tuple[str, str]:
 # --- Executing one item -------------------------------------------------------------------------
 
 
-def _generate(run: EvalRun, decoding: dict, *, interactive: bool) -> None:
+def _generate(run: EvalRun, decoding: dict, *, interactive: bool, subject) -> None:
     messages = [{"role": "user", "content": run.input}]
     if run.contexts:
         context = "\n".join(f"[{i + 1}] {c}" for i, c in enumerate(run.contexts))
@@ -110,7 +104,7 @@ def _generate(run: EvalRun, decoding: dict, *, interactive: bool) -> None:
     result = gateway.chat(
         model=run.model_key,
         request={"messages": messages, **decoding},
-        caller=gateway.Caller(user=run.created_by, feature="eval", subject=run),
+        caller=gateway.Caller(user=run.created_by, feature="eval", subject=subject),
         interactive=interactive,
         run_index=run.run if run.batch_id else None,
     )
@@ -128,53 +122,69 @@ def _generate(run: EvalRun, decoding: dict, *, interactive: bool) -> None:
     }
 
 
-def execute(run: EvalRun, *, interactive: bool) -> EvalRun:
-    """Produce the answer (unless given), score it, classify any failure, and save."""
-    rubric = rubric_registry.rubric_get(run.rubric)
+def produce_and_score(run: EvalRun, rubric, *, interactive: bool, subject=None) -> int:
+    """Produce the answer (unless given) and score it into ``run`` (not saved). Gateway errors
+    and judge refusals are raised for the caller to classify. Returns the gateway calls made.
+    ``subject`` is what the ledger ties the calls to (a batch item's task; else the run)."""
     params = run.metadata.get("parameters", {})
+    subject = run if subject is None else subject
+    calls = 0
+    if run.model_key:
+        calls += 1
+        _generate(
+            run, params.get("decoding", DEFAULT_DECODING), interactive=interactive, subject=subject
+        )
+    if not run.output.strip():
+        run.status, run.failure = EvalRun.Status.FAILED, EvalRun.Failure.INVALID_OUTPUT
+        run.error_message = "The model's answer is empty."
+        run.passed = False
+        return calls
+    scored = scorers.score(
+        rubric,
+        input=run.input,
+        output=run.output,
+        reference=run.reference,
+        contexts=run.contexts,
+        embed_model=params.get("embed_model"),
+        judge_model=params.get("judge_model"),
+        caller=gateway.Caller(user=run.created_by, feature="judge", subject=subject),
+    )
+    calls += 1 if scored.judge else 0
+    run.scores, run.passed, run.judge = scored.scores, scored.passed, scored.judge
+    run.prompt_tokens += scored.prompt_tokens
+    run.completion_tokens += scored.completion_tokens
+    run.cost += Decimal(str(scored.cost))
+    run.status = EvalRun.Status.SUCCEEDED
+    run.failure = EvalRun.Failure.BELOW_THRESHOLD if scored.passed is False else ""
+    run.error_message = ""
+    return calls
+
+
+def record_failure(run: EvalRun, rubric, exc: Exception) -> None:
+    """Store a failure's class and message on ``run`` (not saved)."""
+    failure, message = classify(exc)
+    if isinstance(exc, scorers.JudgeRefused | scorers.JudgeInvalid):
+        run.judge = getattr(exc, "judge", run.judge)
+        judge_dim = next((d["key"] for d in rubric.dimensions if d["method"] == "judge"), "judge")
+        run.scores = {**run.scores, judge_dim: {"method": "judge", "error": message[:500]}}
+    run.status, run.failure, run.error_message = EvalRun.Status.FAILED, failure, message[:2000]
+    run.passed = False
+
+
+def evaluation_execute(run: EvalRun) -> EvalRun:
+    """A single evaluation: produce the answer (unless given), score it, classify any
+    failure, and save. Rate-limit and budget refusals delete the run and are raised (the API
+    answers 429/409: nothing half-done is kept)."""
+    rubric = rubric_registry.rubric_get(run.rubric)
     run.attempts += 1
     run.started_at = run.started_at or timezone.now()
     try:
-        if run.model_key:
-            _generate(run, params.get("decoding", DEFAULT_DECODING), interactive=interactive)
-        if not run.output.strip():
-            run.status, run.failure = EvalRun.Status.FAILED, EvalRun.Failure.INVALID_OUTPUT
-            run.error_message = "The model's answer is empty."
-        else:
-            scored = scorers.score(
-                rubric,
-                input=run.input,
-                output=run.output,
-                reference=run.reference,
-                contexts=run.contexts,
-                embed_model=params.get("embed_model"),
-                judge_model=params.get("judge_model"),
-                caller=gateway.Caller(user=run.created_by, feature="judge", subject=run),
-            )
-            run.scores, run.passed, run.judge = scored.scores, scored.passed, scored.judge
-            run.prompt_tokens += scored.prompt_tokens
-            run.completion_tokens += scored.completion_tokens
-            run.cost += Decimal(str(scored.cost))
-            run.status = EvalRun.Status.SUCCEEDED
-            run.failure = EvalRun.Failure.BELOW_THRESHOLD if scored.passed is False else ""
+        produce_and_score(run, rubric, interactive=True)
     except (gateway.GatewayError, scorers.JudgeRefused, scorers.JudgeInvalid) as exc:
-        if interactive and isinstance(exc, gateway.RateLimited | gateway.BudgetExceeded):
-            run.delete()  # the caller answers 429/409: nothing half-done is kept
+        if isinstance(exc, gateway.RateLimited | gateway.BudgetExceeded):
+            run.delete()
             raise
-        failure, message = classify(exc)
-        transient = getattr(exc, "transient", False)
-        if run.batch_id and transient and run.attempts < ITEM_MAX_ATTEMPTS:
-            run.status, run.error_message = EvalRun.Status.PENDING, message[:2000]
-            run.save()
-            return run
-        if isinstance(exc, scorers.JudgeRefused | scorers.JudgeInvalid):
-            run.judge = getattr(exc, "judge", run.judge)
-            judge_dim = next(
-                (d["key"] for d in rubric.dimensions if d["method"] == "judge"), "judge"
-            )
-            run.scores = {**run.scores, judge_dim: {"method": "judge", "error": message[:500]}}
-        run.status, run.failure, run.error_message = EvalRun.Status.FAILED, failure, message[:2000]
-        run.passed = False
+        record_failure(run, rubric, exc)
     run.finished_at = timezone.now()
     run.save()
     return run
@@ -261,7 +271,7 @@ def evaluation_create(
             "environment": environment(),
         },
     )
-    return execute(run, interactive=True)
+    return evaluation_execute(run)
 
 
 def evaluation_get(run_id) -> EvalRun:
@@ -320,6 +330,11 @@ def batch_eval_create(
     embed_model: str | None = DEFAULT_EMBED_MODEL,
     enqueue: bool = True,
 ) -> BatchEval:
+    """Validate, then create the batch evaluation, its batch job (kind 'eval': one task per
+    sample x model x run) and one item per task, in one transaction; the engine dispatches
+    after commit (``enqueue``; else the job waits paused for ``batch_eval_run_inline``)."""
+    from jobs.batch.services import job_create_items
+
     spec = _rubric(rubric)
     dataset = EvalDataset.objects.filter(pk=dataset_id).first()
     if dataset is None:
@@ -343,187 +358,144 @@ def batch_eval_create(
         "embed_model": embed_model,
     }
     env = environment()
+    owner = user if getattr(user, "pk", None) else None
+    label = f"{spec.name}@{spec.version}"
+    name = name or f"{dataset.label} x {len(models)} model(s)"
     with transaction.atomic():
+        samples = {s.pk: s for s in dataset.samples.order_by("index")}
+        job = job_create_items(
+            kind=EVAL_KIND,
+            name=name,
+            user=owner,
+            label=label,
+            item_ids=list(samples),
+            models=models,
+            runs=runs,
+            frozen={
+                "decoding": params["decoding"],
+                "evaluation": {
+                    "rubric": {"name": spec.name, "version": spec.version, "sha256": spec.sha256},
+                    "dataset": {"id": dataset.pk, "label": dataset.label, "sha256": dataset.sha256},
+                    "judge_model": params["judge_model"],
+                    "embed_model": embed_model,
+                },
+            },
+            start=enqueue,
+        )
         batch = BatchEval.objects.create(
-            name=name or f"{dataset.label} x {len(models)} model(s)",
+            name=name,
             dataset=dataset,
+            job=job,
             rubric=spec.name,
             rubric_version=spec.version,
             rubric_sha256=spec.sha256,
             models_list=models,
             runs=runs,
-            frozen={**params, "environment": env, "dataset_sha256": dataset.sha256},
+            frozen={
+                **params,
+                "environment": env,
+                "dataset_sha256": dataset.sha256,
+                "code_version": job.frozen["code_version"],
+                "job": str(job.pk),
+            },
             item_count=count,
-            created_by=user if getattr(user, "pk", None) else None,
+            created_by=owner,
         )
-        samples = list(dataset.samples.order_by("index"))
-        owner = batch.created_by
         meta = {
             "parameters": params,
             "rubric": {"name": spec.name, "version": spec.version, "sha256": spec.sha256},
             "environment": env,
         }
+        tasks = job.tasks.order_by("item_id", "model_key", "run").values_list(
+            "pk", "item_id", "model_key", "run"
+        )
         EvalRun.objects.bulk_create(
-            [
+            (
                 EvalRun(
                     batch=batch,
+                    task_id=task_pk,
                     dataset=dataset,
-                    sample=s,
-                    sample_index=s.index,
-                    model_key=m,
-                    run=r,
+                    sample=samples[item],
+                    sample_index=samples[item].index,
+                    model_key=model,
+                    run=run,
                     rubric=spec.name,
                     rubric_version=spec.version,
                     rubric_sha256=spec.sha256,
-                    input=s.input,
-                    reference=s.reference,
-                    contexts=s.contexts,
+                    input=samples[item].input,
+                    reference=samples[item].reference,
+                    contexts=samples[item].contexts,
                     status=EvalRun.Status.PENDING,
                     created_by=owner,
                     metadata=meta,
                 )
-                for s in samples
-                for m in models
-                for r in range(1, runs + 1)
-            ],
+                for task_pk, item, model, run in tasks.iterator(chunk_size=2000)
+            ),
             batch_size=1000,
         )
-        if enqueue:
-            transaction.on_commit(lambda: batch_eval_dispatch(batch_id=batch.pk))
     return batch
 
 
-def _enqueue_item(item_id: str) -> None:
-    from evaluation.evals.tasks import eval_item_run
-
-    eval_item_run.delay(item_id)
-
-
-def batch_eval_dispatch(*, batch_id, enqueue: Callable[[str], object] | None = None) -> int:
-    """Move up to each model's window of pending items to queued and enqueue them (the engine's
-    per-model window). Returns how many were enqueued."""
-    from jobs.batch.services import window_size
-    from jobs.models import RegisteredModel
-
-    enqueue = enqueue or _enqueue_item
-    batch = BatchEval.objects.filter(pk=batch_id).first()
-    if batch is None or not batch.is_active:
-        return 0
-    sent = 0
-    models = {m.key: m for m in RegisteredModel.objects.filter(key__in=batch.models_list)}
-    for key in batch.models_list:
-        window = window_size(models[key]) if key in models else 4
-        busy = batch.items.filter(
-            model_key=key, status__in=[EvalRun.Status.QUEUED, EvalRun.Status.RUNNING]
-        ).count()
-        free = max(0, window - busy)
-        if not free:
-            continue
-        ids = list(
-            batch.items.filter(model_key=key, status=EvalRun.Status.PENDING)
-            .order_by("sample_index", "run")
-            .values_list("pk", flat=True)[:free]
-        )
-        for item_id in ids:
-            if EvalRun.objects.filter(pk=item_id, status=EvalRun.Status.PENDING).update(
-                status=EvalRun.Status.QUEUED
-            ):
-                enqueue(str(item_id))
-                sent += 1
-    return sent
-
-
-def item_claim(item_id) -> EvalRun | None:
-    now = timezone.now()
-    claimed = EvalRun.objects.filter(
-        pk=item_id, status__in=[EvalRun.Status.QUEUED, EvalRun.Status.PENDING]
-    ).update(status=EvalRun.Status.RUNNING, started_at=now)
-    if claimed != 1:
-        return None
-    run = EvalRun.objects.select_related("batch", "created_by").get(pk=item_id)
-    BatchEval.objects.filter(pk=run.batch_id, status=BatchEval.Status.QUEUED).update(
-        status=BatchEval.Status.RUNNING, started_at=now
-    )
-    if run.batch and run.batch.status == BatchEval.Status.CANCELLED:
-        EvalRun.objects.filter(pk=item_id).update(status=EvalRun.Status.CANCELLED)
-        return None
-    return run
-
-
-def item_run(*, item_id, dispatch: bool = True) -> str | None:
-    """Claim, execute and settle one batch item (the Celery task's body)."""
-    run = item_claim(item_id)
-    if run is None:
-        return None
-    execute(run, interactive=False)
-    batch_finish_if_done(batch_id=run.batch_id)
-    if dispatch:
-        batch_eval_dispatch(batch_id=run.batch_id)
-    return run.status
-
-
-def batch_finish_if_done(*, batch_id) -> bool:
-    batch = BatchEval.objects.get(pk=batch_id)
-    if not batch.is_active or batch.items.filter(status__in=EvalRun.OPEN).exists():
-        return False
-    counts = batch.items.aggregate(ok=Count("pk", filter=Q(status=EvalRun.Status.SUCCEEDED)))
-    status = BatchEval.Status.COMPLETED if counts["ok"] else BatchEval.Status.FAILED
+def batch_finish(*, job_id) -> bool:
+    """The batch job ended: store the final aggregates and the status (completed when some
+    item was scored, failed when none was)."""
     from evaluation.evals.aggregates import aggregates
 
-    data = aggregates(batch)
-    updated = BatchEval.objects.filter(pk=batch_id, status__in=BatchEval.ACTIVE).update(
-        status=status,
-        aggregates=data,
+    batch = BatchEval.objects.filter(job_id=job_id).first()
+    if batch is None or not batch.is_active:
+        return False
+    scored = batch.items.filter(status=EvalRun.Status.SUCCEEDED).exists()
+    updated = BatchEval.objects.filter(pk=batch.pk, status__in=BatchEval.ACTIVE).update(
+        status=BatchEval.Status.COMPLETED if scored else BatchEval.Status.FAILED,
+        aggregates=aggregates(batch),
         finished_at=timezone.now(),
-        error_message="" if counts["ok"] else "Every item failed; see the failure taxonomy.",
+        error_message="" if scored else "Every item failed; see the failure taxonomy.",
     )
     return updated == 1
 
 
 def batch_eval_cancel(*, batch: BatchEval) -> BatchEval:
+    """Cancel the batch job (pending and queued tasks are cancelled; running ones finish) and
+    mark the items that will not run."""
+    from evaluation.evals.aggregates import aggregates
+    from jobs.batch.models import BatchTask
+    from jobs.batch.services import job_cancel
+
     if not batch.is_active:
         raise InvalidInput(
             f"The batch evaluation is {batch.status}; only active ones can be cancelled."
         )
-    from evaluation.evals.aggregates import aggregates
-
-    batch.items.filter(status__in=[EvalRun.Status.PENDING, EvalRun.Status.QUEUED]).update(
-        status=EvalRun.Status.CANCELLED
-    )
-    BatchEval.objects.filter(pk=batch.pk, status__in=BatchEval.ACTIVE).update(
-        status=BatchEval.Status.CANCELLED, finished_at=timezone.now(), aggregates=aggregates(batch)
-    )
+    with transaction.atomic():
+        if batch.job is not None and batch.job.is_active:
+            job_cancel(job=batch.job)
+            batch.items.filter(task__status=BatchTask.Status.CANCELLED).update(
+                status=EvalRun.Status.CANCELLED
+            )
+        else:
+            batch.items.filter(status__in=[EvalRun.Status.PENDING, EvalRun.Status.QUEUED]).update(
+                status=EvalRun.Status.CANCELLED
+            )
+        BatchEval.objects.filter(pk=batch.pk, status__in=BatchEval.ACTIVE).update(
+            status=BatchEval.Status.CANCELLED,
+            finished_at=timezone.now(),
+            aggregates=aggregates(batch),
+        )
     batch.refresh_from_db()
     return batch
 
 
 def batch_eval_get(batch_id) -> BatchEval:
-    batch = BatchEval.objects.select_related("dataset").filter(pk=batch_id).first()
+    batch = BatchEval.objects.select_related("dataset", "job").filter(pk=batch_id).first()
     if batch is None:
         raise NotFound(f"No batch evaluation {batch_id}.")
     return batch
 
 
 def batch_eval_run_inline(*, batch: BatchEval) -> BatchEval:
-    """Run every item in this process (tests, `manage.py` use, a demo without a worker)."""
-    while True:
-        ids = list(
-            batch.items.filter(status__in=[EvalRun.Status.PENDING, EvalRun.Status.QUEUED])
-            .order_by("sample_index", "model_key", "run")
-            .values_list("pk", flat=True)
-        )
-        if not ids:
-            break
-        for item_id in ids:
-            item_run(item_id=item_id, dispatch=False)
-    batch_finish_if_done(batch_id=batch.pk)
+    """Run every open item in this process on the engine's inline runner (tests, a demo
+    without a worker), with the same atomic claims as the workers."""
+    from jobs.batch.services import job_run_inline
+
+    job_run_inline(job=batch.job)
     batch.refresh_from_db()
     return batch
-
-
-def items_recover(*, stale_after_s: float = 900) -> int:
-    """Items left running by a dead worker go back to pending (the beat's reconcile)."""
-    cutoff = timezone.now() - timedelta(seconds=stale_after_s)
-    return EvalRun.objects.filter(
-        batch__isnull=False, status=EvalRun.Status.RUNNING, started_at__lt=cutoff
-    ).update(status=EvalRun.Status.PENDING)

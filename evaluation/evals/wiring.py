@@ -32,7 +32,9 @@ def connect() -> None:
     from billing.models import LlmCall
     from billing.signals import llm_call_settled
     from config import metrics, tracing
-    from evaluation.evals import kpis, tasks  # noqa: F401 - registers the Celery tasks
+    from evaluation.evals import batch, kpis
+
+    batch.register()  # the 'eval' kind of batch job: batch evaluations run on the batch engine
 
     llm_call_settled.connect(_llm_call_settled, sender=LlmCall, dispatch_uid="crucible-llm-metrics")
     metrics.register_gauges("evaluation", kpis.gauges)

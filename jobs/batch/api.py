@@ -186,7 +186,8 @@ def _list_rows(limit: int):
     from django.db.models import Count, Q, Sum
 
     qs = (
-        BatchJob.objects.select_related("created_by")
+        BatchJob.objects.frameworks()
+        .select_related("created_by")
         .annotate(
             finished=Count("tasks", filter=Q(tasks__status__in=("succeeded", "failed"))),
             cost=Sum("tasks__cost"),

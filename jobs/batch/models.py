@@ -56,6 +56,11 @@ class BatchJobQuerySet(models.QuerySet):
     def active(self):
         return self.filter(status__in=BatchJob.ACTIVE)
 
+    def frameworks(self):
+        """Jobs of frameworks over corpus chunks (the batch pages and ``/api/v1/jobs``); other
+        kinds (a batch evaluation) have their own pages."""
+        return self.filter(kind=BatchJob.FRAMEWORK)
+
 
 class BatchJob(models.Model):
     class Status(models.TextChoices):
@@ -66,12 +71,25 @@ class BatchJob(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     ACTIVE = (Status.RUNNING, Status.PAUSED)
+    FRAMEWORK = "framework"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200)
+    kind = models.CharField(
+        max_length=32,
+        default=FRAMEWORK,
+        db_index=True,
+        help_text="What its tasks do (jobs/batch/kinds.py): 'framework' (a framework over corpus "
+        "chunks) or a kind another app registers ('eval': a rubric over dataset samples)",
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     corpus = models.ForeignKey(
-        "corpora.Corpus", on_delete=models.PROTECT, related_name="batch_jobs"
+        "corpora.Corpus",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="batch_jobs",
+        help_text="The corpus of a framework job",
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
@@ -106,8 +124,10 @@ class BatchJob(models.Model):
 
 
 class BatchTask(LongTaskFields):
-    """One (chunk x framework version x model x run). The id is derived from those and the job
-    (sha256), so it doubles as the OpenAI batch ``custom_id``."""
+    """One (input x model x run): for a framework job the input is a chunk and a framework
+    version; for another kind, ``item_id`` names the kind's input row (an evaluation sample).
+    The id is derived from those and the job (sha256), so it doubles as the OpenAI batch
+    ``custom_id``, and running a task twice can only ever store one result."""
 
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -121,9 +141,14 @@ class BatchTask(LongTaskFields):
 
     id = models.CharField(primary_key=True, max_length=40)
     job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="tasks")
-    chunk = models.ForeignKey("corpora.Chunk", on_delete=models.PROTECT, related_name="+")
+    chunk = models.ForeignKey(
+        "corpora.Chunk", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
     framework_version = models.ForeignKey(
-        FrameworkVersion, on_delete=models.PROTECT, related_name="+"
+        FrameworkVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    item_id = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The input row of a kind other than 'framework'"
     )
     model_key = models.CharField(max_length=300)
     run = models.PositiveSmallIntegerField()
@@ -154,7 +179,12 @@ class BatchTask(LongTaskFields):
             models.UniqueConstraint(
                 fields=["job", "chunk", "framework_version", "model_key", "run"],
                 name="batch_task_one_per_combination",
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["job", "item_id", "model_key", "run"],
+                condition=models.Q(item_id__isnull=False),
+                name="batch_task_one_per_item",
+            ),
         ]
         indexes = [
             models.Index(fields=["job", "model_key", "status"], name="batch_task_dispatch"),

@@ -35,6 +35,7 @@ from corpora import filters as corpus_filters
 from corpora.models import Chunk, Corpus
 from jobs import gateway
 from jobs.batch.frameworks import FrameworkError, all_frameworks, render_messages, validate_answer
+from jobs.batch.kinds import Outcome, TaskKind, kind_get, kind_register
 from jobs.batch.models import BatchJob, BatchTask, Framework, FrameworkVersion
 from jobs.models import GatewaySettings, RegisteredModel
 
@@ -350,21 +351,26 @@ def code_version() -> str:
         return "unknown"
 
 
-def task_id(job_id, chunk_id: int, framework_label: str, model_key: str, run: int) -> str:
-    raw = f"{job_id}|{chunk_id}|{framework_label}|{model_key}|{run}"
+def task_id(job_id, source, framework_label: str, model_key: str, run: int) -> str:
+    """The deterministic id of a task: its job, input (a chunk id, or ``item:<id>``), what is
+    applied to it, model and run."""
+    raw = f"{job_id}|{source}|{framework_label}|{model_key}|{run}"
     return "t" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What varies between the task rows of one job (everything else is the row defaults)."""
+    """What varies between the task rows of one job (everything else is the row defaults).
+    A framework task names its chunk and framework version; another kind's task its input row
+    (``item_id``), with ``framework_label`` naming what it applies (a rubric's label)."""
 
-    chunk_id: int
-    framework_version_id: int
+    chunk_id: int | None
+    framework_version_id: int | None
     framework_label: str
     model_key: str
     run: int
     model_revision: str = ""
+    item_id: int | None = None
 
 
 def _task_specs(plan: Plan) -> Iterator[TaskSpec]:
@@ -405,21 +411,22 @@ def tasks_bulk_insert(*, job_id, specs: Iterable[TaskSpec], batch_size: int = BU
     ``get_db_prep_save``, as ``bulk_create`` would); a row then costs its id's hash and a list
     copy with the six columns that vary."""
     sql, fields = _insert_sql()
-    template_obj = BatchTask(id="", job_id=job_id, chunk_id=0, framework_version_id=0, run=1)
+    template_obj = BatchTask(id="", job_id=job_id, run=1)
     template = [f.get_db_prep_save(f.pre_save(template_obj, add=True), connection) for f in fields]
     index = {f.attname: i for i, f in enumerate(fields)}
     i_id, i_chunk, i_fw = index["id"], index["chunk_id"], index["framework_version_id"]
     i_model, i_run, i_rev = index["model_key"], index["run"], index["model_revision"]
+    i_item = index["item_id"]
     job_key = str(job_id)  # the same text task_id formats, converted once
 
     def rows() -> Iterator[list]:
         for spec in specs:
             row = template.copy()
-            row[i_id] = task_id(
-                job_key, spec.chunk_id, spec.framework_label, spec.model_key, spec.run
-            )
+            source = spec.chunk_id if spec.item_id is None else f"item:{spec.item_id}"
+            row[i_id] = task_id(job_key, source, spec.framework_label, spec.model_key, spec.run)
             row[i_chunk] = spec.chunk_id
             row[i_fw] = spec.framework_version_id
+            row[i_item] = spec.item_id
             row[i_model] = spec.model_key
             row[i_run] = spec.run
             row[i_rev] = spec.model_revision
@@ -560,6 +567,68 @@ def job_create(
     return job
 
 
+def job_create_items(
+    *,
+    kind: str,
+    name: str,
+    user,
+    label: str,
+    item_ids: list[int],
+    models: list[str],
+    runs: int,
+    frozen: dict,
+    start: bool = True,
+) -> BatchJob:
+    """Create a job of another kind (registered in kinds.py) and its tasks, one per (item x
+    model x run), in the caller's transaction; dispatch starts after commit. The caller has
+    validated the items and models; ``frozen`` is its audit record, completed here with the
+    models' registry entries, the decoding and the code version the engine reads."""
+    kind_get(kind)  # refuses an unregistered kind before anything is written
+    registered = {
+        m.key: m for m in RegisteredModel.objects.select_related("provider").filter(key__in=models)
+    }
+    frozen = {
+        "decoding": {},
+        **frozen,
+        "models": [
+            {
+                "key": key,
+                "provider": registered[key].provider.slug if key in registered else "",
+                "remote_id": registered[key].remote_id if key in registered else key,
+                "revision": registered[key].revision if key in registered else "",
+            }
+            for key in models
+        ],
+        "runs": runs,
+        "code_version": code_version(),
+    }
+    sha = hashlib.sha256(json.dumps(frozen, sort_keys=True, default=str).encode()).hexdigest()
+    job = BatchJob.objects.create(
+        name=name,
+        kind=kind,
+        created_by=user if getattr(user, "pk", None) else None,
+        selection={"items": len(item_ids)},
+        frozen=frozen,
+        parameters_sha256=sha,
+        runs=runs,
+        task_count=len(item_ids) * len(models) * runs,
+        status=BatchJob.Status.RUNNING if start else BatchJob.Status.PAUSED,
+    )
+    revisions = {key: (registered[key].revision if key in registered else "") for key in models}
+    tasks_bulk_insert(
+        job_id=job.pk,
+        specs=(
+            TaskSpec(None, None, label, key, run, revisions[key], item_id=item)
+            for item in item_ids
+            for key in models
+            for run in range(1, runs + 1)
+        ),
+    )
+    if start:
+        transaction.on_commit(lambda: enqueue_dispatch(job.pk))
+    return job
+
+
 # --- Dispatch -----------------------------------------------------------------------------------
 
 
@@ -641,19 +710,22 @@ def job_finish_if_done(job_id) -> bool:
         == 1
     )
     if done:
-        from jobs.batch.results import stats_schedule
-
-        stats_schedule(job_id=job_id, final=True)
+        job_kind(job_id).progress(job_id=job_id, final=True)
     return done
 
 
 # --- Running one task ---------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    status: str
-    fields: dict
+def job_kind(job_id) -> TaskKind:
+    kind = BatchJob.objects.filter(pk=job_id).values_list("kind", flat=True).first()
+    return kind_get(kind or BatchJob.FRAMEWORK)
+
+
+def job_context(job_id):
+    """The context of a job's kind (what its tasks share), or None when the job is gone."""
+    job = BatchJob.objects.select_related("created_by").filter(pk=job_id).first()
+    return None if job is None else kind_get(job.kind).context(job)
 
 
 def _prompt_values(chunk: Chunk) -> dict:
@@ -710,6 +782,10 @@ class JobContext:
         job = BatchJob.objects.select_related("created_by").filter(pk=job_id).first()
         return None if job is None else cls(job)
 
+    @property
+    def kind(self) -> TaskKind:
+        return FRAMEWORK_KIND
+
     def content(self, framework_version_id: int) -> dict:
         content = self._contents.get(framework_version_id)
         if content is None:  # two threads may both read it once: same value
@@ -729,6 +805,7 @@ _TASK_FIELDS = (
     "run",
     "attempts",
     "model_revision",
+    "item_id",
     "chunk__text",
     "chunk__document__title",
     "chunk__document__external_id",
@@ -813,6 +890,31 @@ def _call_and_validate(task: BatchTask, ctx: JobContext) -> Outcome:
         body = {**body, "messages": _repair_messages(body["messages"], raw, errors)}
 
 
+class FrameworkKind:
+    """The engine's own kind: a framework's prompt over a corpus chunk, the answer parsed and
+    validated against the framework's schema (repaired once), statistics as tasks finish."""
+
+    name = BatchJob.FRAMEWORK
+
+    def context(self, job: BatchJob) -> JobContext:
+        return JobContext(job)
+
+    def run(self, task: BatchTask, ctx: JobContext) -> Outcome:
+        return _call_and_validate(task, ctx)
+
+    def failed(self, *, job_id, task_ids: list[str], code: str, message: str) -> None:
+        return None  # the task row holds everything a framework task keeps
+
+    def progress(self, *, job_id, final: bool) -> None:
+        from jobs.batch.results import stats_schedule
+
+        stats_schedule(job_id=job_id, final=final)
+
+
+FRAMEWORK_KIND = FrameworkKind()
+kind_register(FRAMEWORK_KIND)
+
+
 def task_run(
     *,
     task_id: str,
@@ -848,17 +950,21 @@ def task_run(
         mine.update(status=back, claimed_by="", attempts=F("attempts") - 1)
         return back
     if ctx is None or ctx.job_id != task.job_id:
-        ctx = JobContext.load(task.job_id)
+        ctx = job_context(task.job_id)
+    kind = ctx.kind
+    failed_outside = False  # failed by the engine, not by the kind's own run
     try:
-        outcome = _call_and_validate(task, ctx)
+        outcome = kind.run(task, ctx)
     except gateway.GatewayError as exc:
         outcome = _failure(task, exc)
+        failed_outside = outcome.status == BatchTask.Status.FAILED
     except Exception as exc:  # a bug or an unexpected library error: fail the task, keep going
         logger.exception("batch task %s crashed", task_id)
         outcome = Outcome(
             BatchTask.Status.FAILED,
             {"error_code": "internal_error", "error_message": f"{type(exc).__name__}: {exc}"},
         )
+        failed_outside = True
     fields = dict(outcome.fields)
     if "calls" in fields:
         fields["calls"] = F("calls") + fields["calls"]
@@ -869,6 +975,13 @@ def task_run(
     wrote = mine.update(status=outcome.status, **fields) == 1
     if not wrote:
         return None
+    if failed_outside:
+        kind.failed(
+            job_id=task.job_id,
+            task_ids=[task.pk],
+            code=outcome.fields["error_code"],
+            message=outcome.fields.get("error_message", ""),
+        )
     if dispatch or finish:
         after_task(job_id=task.job_id, dispatch=dispatch)
     return outcome.status
@@ -887,7 +1000,7 @@ def tasks_run_window(
     heartbeat is its own start), ``threads`` at a time (their calls wait on the gateway's
     shared rate limits); then the window tops up the job's dispatch, finishes the job when it
     was the last, and schedules the statistics, once for the window. Returns {status: n}."""
-    ctx = JobContext.load(job_id)
+    ctx = job_context(job_id)
     out: dict[str, int] = {}
     if ctx is None or not task_ids:
         return out
@@ -962,17 +1075,16 @@ def after_task(*, job_id, dispatch: bool = True) -> None:
     if dispatch:
         job_dispatch(job_id=job_id)
     if not job_finish_if_done(job_id) and dispatch:
-        from jobs.batch.results import stats_schedule
-
-        stats_schedule(job_id=job_id)
+        job_kind(job_id).progress(job_id=job_id, final=False)
 
 
 # --- Control ------------------------------------------------------------------------------------
 
 
 def job_get(job_id) -> BatchJob:
+    """A framework job (the batch pages and API); other kinds have their own pages."""
     try:
-        return BatchJob.objects.select_related("corpus", "created_by").get(pk=job_id)
+        return BatchJob.objects.frameworks().select_related("corpus", "created_by").get(pk=job_id)
     except (BatchJob.DoesNotExist, ValueError, TypeError) as exc:
         raise NotFound(f"No batch job {job_id}.") from exc
 
@@ -1023,6 +1135,11 @@ def tasks_recover(*, job_id=None, stale_after_s: float | None = None) -> dict:
         Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
     )
     lost = list(running.values_list("pk", flat=True))
+    given_up: dict[tuple, list[str]] = {}
+    for pk, job_pk, kind in running.filter(attempts__gte=TASK_MAX_ATTEMPTS).values_list(
+        "pk", "job_id", "job__kind"
+    ):
+        given_up.setdefault((job_pk, kind), []).append(pk)
     exhausted = running.filter(attempts__gte=TASK_MAX_ATTEMPTS).update(
         status=BatchTask.Status.FAILED,
         claimed_by="",
@@ -1030,6 +1147,13 @@ def tasks_recover(*, job_id=None, stale_after_s: float | None = None) -> dict:
         error_message="Its worker stopped on every try.",
         finished_at=timezone.now(),
     )
+    for (job_pk, kind), ids in given_up.items():
+        kind_get(kind).failed(
+            job_id=job_pk,
+            task_ids=ids,
+            code="worker_lost",
+            message="Its worker stopped on every try.",
+        )
     reclaimed = running.update(status=BatchTask.Status.PENDING, claimed_by="", dispatch_token="")
     if lost:
         # Their worker died mid-call: settle the calls it wrote ahead (the ledger keeps each
@@ -1076,7 +1200,7 @@ def job_run_inline(*, job: BatchJob, progress: Callable[[int], object] | None = 
                 time.sleep(0.2)  # a retry waiting for its backoff
                 continue
             break
-        ctx = JobContext.load(job.pk)
+        ctx = job_context(job.pk)
         for pk in ids:
             status = task_run(task_id=pk, dispatch=False, ctx=ctx, finish=False)
             if status in (None, BatchTask.Status.PENDING, BatchTask.Status.CANCELLED) and (

@@ -38,7 +38,8 @@ def _forbidden(request: HttpRequest) -> HttpResponse:
 @dashboard_view
 def jobs_page(request: HttpRequest) -> HttpResponse:
     jobs = list(
-        BatchJob.objects.select_related("created_by", "corpus")
+        BatchJob.objects.frameworks()
+        .select_related("created_by", "corpus")
         .annotate(
             finished=Count("tasks", filter=Q(tasks__status__in=("succeeded", "failed"))),
             failed_tasks=Count("tasks", filter=Q(tasks__status="failed")),

@@ -17,6 +17,8 @@ import pytest
 from config.roles import Role
 from evaluation.evals import services
 from evaluation.models import BatchEval, EvalRun
+from jobs.batch.models import BatchJob
+from jobs.batch.services import TASK_MAX_ATTEMPTS, task_run
 from tests.conftest import assert_envelope
 from tests.evaluation.test_eval_api import jsonl, upload
 from tests.jobs.openai_server import (  # noqa: F401
@@ -151,9 +153,17 @@ def _run_30(engineer, loop: str, OFFLINE: str) -> None:
     batch = BatchEval.objects.get(pk=batch_id)
 
     # Partial: a few items, then the aggregates show progress and a running status.
-    first = list(batch.items.order_by("sample_index", "model_key").values_list("pk", flat=True)[:4])
-    for item_id in first:
-        services.item_run(item_id=item_id, dispatch=False)
+    # It is a batch job of kind 'eval': one engine task per item, each item tied to its task.
+    job = batch.job
+    assert job.kind == "eval" and job.task_count == 60 and job.tasks.count() == 60
+    assert not batch.items.filter(task__isnull=True).exists()
+    first = list(
+        batch.items.order_by("sample_index", "model_key").values_list("task_id", flat=True)[:4]
+    )
+    for task_id in first:
+        assert task_run(task_id=task_id, dispatch=False, finish=False) in ("succeeded", "failed")
+        # Running it again (a redelivered message) finds nothing to do: one result a task.
+        assert task_run(task_id=task_id, dispatch=False, finish=False) is None
     partial = engineer.get(f"/v1/batch-evals/{batch_id}").json()
     assert partial["status"] == "running"
     assert partial["progress"]["done"] == 4 and partial["aggregates"]["final"] is False
@@ -180,9 +190,11 @@ def _run_30(engineer, loop: str, OFFLINE: str) -> None:
     lf = agg["models"][loop]["failures"]
     assert lf["judge_refusal"] >= 2 and lf["invalid_output"] >= 1
     assert lf["provider_error"] == 1 and lf["timeout"] == 1
-    # Retry semantics: the timed-out item was tried ITEM_MAX_ATTEMPTS times.
+    # Retry semantics (the engine's): the timed-out item was tried TASK_MAX_ATTEMPTS times.
     slow = EvalRun.objects.get(batch_id=batch_id, model_key=loop, sample_index=17)
-    assert slow.failure == "timeout" and slow.attempts == services.ITEM_MAX_ATTEMPTS
+    assert slow.failure == "timeout" and slow.attempts == TASK_MAX_ATTEMPTS
+    assert slow.task.status == "failed" and slow.task.error_code == "timeout"
+    assert slow.task.attempts == TASK_MAX_ATTEMPTS
     bad = EvalRun.objects.get(batch_id=batch_id, model_key=loop, sample_index=11)
     assert bad.failure == "provider_error" and bad.attempts == 1  # permanent: no retry
     refused = EvalRun.objects.get(batch_id=batch_id, model_key=loop, sample_index=3)
@@ -280,7 +292,7 @@ def test_bad_batch_inputs_and_cancel(engineer, db):
         ),
         422,
     )
-    assert not BatchEval.objects.exists()
+    assert not BatchEval.objects.exists() and not BatchJob.objects.exists()
     created = engineer.post(
         "/v1/batch-evals",
         json={"dataset": dataset["id"], "models": [OFFLINE], "rubric": "grounded_qa", "runs": 2},
