@@ -104,8 +104,26 @@ class Pricing:
 
 def connect() -> None:
     """Subscribe to training's announcements and lend its pages the cost figures
-    (training/hooks.py); called by BillingConfig.ready()."""
+    (training/hooks.py), and keep the month's LLM spend counter honest about ledger rows
+    written around billing's services; called by BillingConfig.ready()."""
+    from django.db.models.signals import post_delete, post_save
+
+    from billing.models import LlmCall
+    from billing.services import llm_ledger_changed
     from training import hooks as training
+
+    post_save.connect(
+        lambda sender, instance, **kw: llm_ledger_changed(call=instance),
+        sender=LlmCall,
+        weak=False,
+        dispatch_uid="billing-llm-saved",
+    )
+    post_delete.connect(
+        lambda sender, instance, **kw: llm_ledger_changed(call=instance, deleted=True),
+        sender=LlmCall,
+        weak=False,
+        dispatch_uid="billing-llm-deleted",
+    )
 
     training.register_pricing(Pricing())
 

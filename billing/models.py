@@ -61,6 +61,17 @@ class MonthlyBudget(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     updated_at = models.DateTimeField(auto_now=True)
+    # The month's gateway spend (the SUM of its LlmCall costs) kept as a running total so a
+    # call's budget reservation reads one locked row instead of summing a ledger that grows
+    # with every call. Units of $0.00000001 (LlmCall.cost's 8 places) in an integer, so the
+    # sum is exact on SQLite too. Changed only under this row's lock, in the transaction that
+    # changes a call's cost (billing.services); NULL: not known, summed from the ledger at
+    # the next reservation (a new row, or a ledger row written or deleted outside billing).
+    llm_spent_e8 = models.BigIntegerField(null=True, blank=True, editable=False)
+
+    # Every field but the counter: a plain save() (the budget page, the admin) must never
+    # write back a counter it read before another process moved it.
+    COUNTER_FIELDS = frozenset({"llm_spent_e8"})
 
     class Meta:
         ordering = ["-month"]
@@ -70,6 +81,20 @@ class MonthlyBudget(models.Model):
 
     def __str__(self) -> str:
         return f"{self.month:%Y-%m}: ${self.amount}"
+
+    def save(self, *args, **kwargs):
+        if (
+            not self._state.adding
+            and self.pk is not None
+            and kwargs.get("update_fields") is None
+            and not kwargs.get("force_insert")
+        ):
+            kwargs["update_fields"] = [
+                f.name
+                for f in self._meta.concrete_fields
+                if not f.primary_key and f.name not in self.COUNTER_FIELDS
+            ]
+        super().save(*args, **kwargs)
 
 
 class JobCost(models.Model):

@@ -866,51 +866,116 @@ def llm_reserved(*, month: date, now: datetime | None = None) -> Decimal:
     return total or Decimal(0)
 
 
-def _llm_spend_and_holds(month: date, now: datetime) -> tuple[Decimal, Decimal]:
-    """(month_spent, llm_reserved) in one statement: GPU and old LLM ledger entries plus
-    gateway calls, and the unexpired LLM reservations.
+E8 = 100_000_000  # LlmCall.cost's 8 places: MonthlyBudget.llm_spent_e8 counts in 1e-8 dollars
 
-    Plain SQL on purpose: this runs in every priced LLM call's reservation, and compiling the
-    equivalent ORM subqueries costs more than executing them. The SQL is portable
-    (SQLite and PostgreSQL); table names come from the models.
-    """
-    ops = connection.ops
-    day = ops.adapt_datefield_value(month)
-    # Table names come from the models; every value is a parameter.
+
+def _e8(amount: Decimal) -> int:
+    """Dollars (any precision) as the counter's integer units of $0.00000001."""
+    return int(Decimal(amount).quantize(NANO) * E8)
+
+
+def _dec(value) -> Decimal:
+    # SQLite returns decimals (and their sums) as floats: back to the columns' 8 places.
+    return Decimal(str(value)).quantize(NANO) if value is not None else Decimal(0)
+
+
+def _llm_spent_summed_e8(month: date) -> int:
+    """The month's gateway spend summed from the ledger, in counter units (exact on SQLite:
+    each row is rounded to an integer before the sum)."""
     sql = (
-        f"SELECT (SELECT SUM(amount) FROM {LedgerEntry._meta.db_table} WHERE month = %s), "  # noqa: S608
-        f"(SELECT SUM(cost) FROM {LlmCall._meta.db_table} WHERE month = %s), "
-        f"(SELECT SUM(amount) FROM {LlmReservation._meta.db_table} "
-        "WHERE month = %s AND expires_at > %s)"
+        f"SELECT SUM(ROUND(cost * {E8})) FROM {LlmCall._meta.db_table} "  # noqa: S608
+        "WHERE month = %s"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [day, day, day, ops.adapt_datetimefield_value(now)])
-        ledger, calls, holds = cursor.fetchone()
-
-    def dec(value) -> Decimal:
-        # SQLite sums decimals as floats: back to the columns' 8 places.
-        return Decimal(str(value)).quantize(NANO) if value is not None else Decimal(0)
-
-    return money(dec(ledger) + dec(calls)), dec(holds)
+        cursor.execute(sql, [connection.ops.adapt_datefield_value(month)])
+        (total,) = cursor.fetchone()
+    return int(total or 0)
 
 
-def _jobs_held() -> Decimal:
-    """What active training jobs still expect to spend (their reservations not accrued);
-    plain SQL for the same reason as above."""
+def _budget_row_locked(month: date) -> tuple[Decimal, int]:
+    """(amount, gateway spend in counter units) of the month's budget row, locked for the
+    rest of the transaction (created from the inherited values first when the month has
+    none; the counter summed from the ledger once when it is not known). One statement when
+    the row and its counter exist: the hot path of every priced LLM call.
+
+    SELECT ... FOR UPDATE on PostgreSQL returns the newest committed version of the row after
+    waiting for its lock, so the counter read here already holds every settlement committed
+    before; SQLite's IMMEDIATE transactions run one at a time."""
+    table = MonthlyBudget._meta.db_table
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    sql = f"SELECT id, amount, llm_spent_e8 FROM {table} WHERE month = %s{lock}"  # noqa: S608
+    day = connection.ops.adapt_datefield_value(month)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [day])
+        row = cursor.fetchone()
+        if row is None:
+            _budget_locked(month)
+            cursor.execute(sql, [day])
+            row = cursor.fetchone()
+        pk, amount, spent = row
+        if spent is None:
+            spent = _llm_spent_summed_e8(month)
+            cursor.execute(f"UPDATE {table} SET llm_spent_e8 = %s WHERE id = %s", [spent, pk])  # noqa: S608
+    return Decimal(str(amount)).quantize(CENT), int(spent)
+
+
+def _llm_spent_add(month: date, delta_e8: int) -> None:
+    """Move the month's gateway spend counter by ``delta_e8`` (0: only take the row's lock).
+
+    Call it before changing any call's cost in the same transaction: the UPDATE takes the
+    budget row's lock first, so a reservation never reads a counter that misses a cost
+    committed before it (the reservation then waits for this transaction), and a counter
+    being summed from the ledger (NULL + delta stays NULL) never misses one either. A month
+    without a row gets one (its counter is then summed at the next reservation)."""
+    table = MonthlyBudget._meta.db_table
+    sql = f"UPDATE {table} SET llm_spent_e8 = llm_spent_e8 + %s WHERE month = %s"  # noqa: S608
+    day = connection.ops.adapt_datefield_value(month)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [delta_e8, day])
+        if cursor.rowcount == 0:
+            _budget_locked(month)
+            cursor.execute(sql, [delta_e8, day])
+
+
+def llm_spent_counter_reset(*, month: date) -> None:
+    """Forget the month's counter (it is summed again at the next reservation): a ledger row
+    was written or deleted outside billing's own settlement paths (the admin, a test)."""
+    MonthlyBudget.objects.filter(month=month).update(llm_spent_e8=None)
+
+
+def _gpu_spend_holds_and_jobs(month: date, now: datetime) -> tuple[Decimal, Decimal, Decimal]:
+    """(GPU and old-style LLM ledger entries, unexpired LLM reservations, what active
+    training jobs still expect to spend) of the month, in one statement read after the
+    budget row's lock: one row per active job, then one row with the two sums.
+
+    Plain SQL on purpose: this runs in every priced LLM call's reservation, and compiling the
+    equivalent ORM queries costs more than executing them. The SQL is portable (SQLite and
+    PostgreSQL); table names come from the models, every value is a parameter.
+    """
     from training.models import ACTIVE_STATUSES, TrainingJob
 
+    ops = connection.ops
+    day = ops.adapt_datefield_value(month)
     statuses = [str(s) for s in ACTIVE_STATUSES]
     placeholders = ", ".join(["%s"] * len(statuses))
     sql = (
-        "SELECT c.projection, c.estimate_cost, c.reserved, c.accrued "  # noqa: S608
+        "SELECT 1, c.projection, c.estimate_cost, c.reserved, c.accrued "  # noqa: S608
         f"FROM {JobCost._meta.db_table} c JOIN {TrainingJob._meta.db_table} j "
-        f"ON j.id = c.job_id WHERE j.status IN ({placeholders})"
+        f"ON j.id = c.job_id WHERE j.status IN ({placeholders}) "
+        "UNION ALL SELECT 0, NULL, "
+        f"(SELECT SUM(amount) FROM {LedgerEntry._meta.db_table} WHERE month = %s), "
+        f"(SELECT SUM(amount) FROM {LlmReservation._meta.db_table} "
+        "WHERE month = %s AND expires_at > %s), NULL"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, statuses)
+        cursor.execute(sql, [*statuses, day, day, ops.adapt_datetimefield_value(now)])
         rows = cursor.fetchall()
-    total = Decimal(0)
-    for projection, estimate_cost, reserved, accrued in rows:
+    ledger = holds = Decimal(0)
+    jobs = Decimal(0)
+    for kind, projection, estimate_cost, reserved, accrued in rows:
+        if kind == 0:
+            ledger, holds = _dec(estimate_cost), _dec(reserved)
+            continue
         if isinstance(projection, str):
             projection = json.loads(projection or "{}")
         cost = JobCost(
@@ -919,8 +984,8 @@ def _jobs_held() -> Decimal:
             reserved=Decimal(str(reserved or 0)),
             accrued=Decimal(str(accrued or 0)),
         )
-        total += _remaining(cost)
-    return money(total)
+        jobs += _remaining(cost)
+    return ledger, holds, money(jobs)
 
 
 # Set by the model gateway (jobs.gateway.client): the settlement of an orphaned call from what
@@ -965,20 +1030,25 @@ def llm_orphan_settle(
     known (its answer reached the response cache), else the held worst case (the provider may
     have charged for it). Conditional on the row still being in flight: a process that was
     only slow settles it itself (``llm_call_record`` overwrites by id). True when settled."""
+    cost = (reservation.amount if cost is None else Decimal(cost)).quantize(NANO)
+    fields = {
+        "outcome": outcome[:64],
+        "cost": cost,
+        "completion_tokens": max(0, int(completion_tokens)),
+    }
+    if prompt_tokens is not None:
+        fields["prompt_tokens"] = max(0, int(prompt_tokens))
     with transaction.atomic():
-        if connection.vendor != "sqlite" and reservation.amount:
-            MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
-        fields = {
-            "outcome": outcome[:64],
-            "cost": (reservation.amount if cost is None else Decimal(cost)).quantize(NANO),
-            "completion_tokens": max(0, int(completion_tokens)),
-        }
-        if prompt_tokens is not None:
-            fields["prompt_tokens"] = max(0, int(prompt_tokens))
+        # The month's spend counter first (its row's lock), then the row: an in-flight row
+        # costs 0, so the settled cost is the whole change (taken back if it was not settled).
+        if cost:
+            _llm_spent_add(reservation.month, _e8(cost))
         settled = (
             LlmCall.objects.filter(pk=reservation.call_id, outcome=LLM_IN_FLIGHT).update(**fields)
             == 1
         )
+        if cost and not settled:
+            _llm_spent_add(reservation.month, -_e8(cost))
         LlmReservation.objects.filter(pk=reservation.pk).delete()
     if settled:
         llm_call_settled.send(sender=LlmCall, call=LlmCall.objects.get(pk=reservation.call_id))
@@ -992,7 +1062,6 @@ def llm_budget_reserve(
     feature: str = "",
     request_id: str = "",
     ttl_s: float = 600.0,
-    save: bool = True,
 ) -> LlmReservation:
     """Hold ``amount`` (a call's worst-case cost) against this month's budget, or refuse
     with BudgetExceeded when spent + reserved (GPU jobs and LLM calls) + amount is over it.
@@ -1004,43 +1073,51 @@ def llm_budget_reserve(
     amount = Decimal(amount).quantize(NANO)
     if amount < 0:
         raise InvalidInput("A reservation cannot be negative.")
-    month = month_start()
     now = timezone.now()
     with transaction.atomic():
-        # The hot path of every priced LLM call: the month's row locked in one query when it
-        # exists, and the spend, holds and active jobs read in three.
-        budget = MonthlyBudget.objects.select_for_update().filter(month=month).first()
-        if budget is None:
-            budget = _budget_locked(month)
-        spent, llm_held = _llm_spend_and_holds(month, now)
-        jobs_held = _jobs_held()
-        if spent + llm_held + jobs_held + amount > budget.amount:
+        reservation = _llm_reservation(
+            amount=amount, model=model, feature=feature, request_id=request_id, ttl_s=ttl_s, now=now
+        )
+        reservation.save()
+        return reservation
+
+
+def _llm_reservation(
+    *, amount: Decimal, model: str, feature: str, request_id: str, ttl_s: float, now: datetime
+) -> LlmReservation:
+    """The (unsaved) reservation of ``amount``, checked against the month's budget when above
+    zero; the caller's transaction holds the budget row's lock until it commits."""
+    month = month_start(now)
+    if amount > 0:
+        # The hot path of every priced LLM call: the month's row locked with its running
+        # gateway spend in one statement, then the GPU spend, holds and active jobs in one.
+        budget_amount, llm_spent_e8 = _budget_row_locked(month)
+        ledger, llm_held, jobs_held = _gpu_spend_holds_and_jobs(month, now)
+        spent = money(ledger + Decimal(llm_spent_e8) / E8)
+        if spent + llm_held + jobs_held + amount > budget_amount:
             raise BudgetExceeded(
                 f"This LLM call would take {month:%B %Y} over its budget: spent ${spent}, "
                 f"reserved ${money(llm_held + jobs_held)} by calls and jobs in flight, this "
-                f"call's worst case ${money(amount)} ({model}), budget ${budget.amount}.",
+                f"call's worst case ${money(amount)} ({model}), budget ${budget_amount}.",
                 details={
                     "month": f"{month:%Y-%m}",
                     "spent": spent,
                     "reserved": money(llm_held + jobs_held),
                     "estimate": amount,
-                    "budget": budget.amount,
-                    "remaining": money(budget.amount - spent - llm_held - jobs_held),
+                    "budget": budget_amount,
+                    "remaining": money(budget_amount - spent - llm_held - jobs_held),
                     "model": model,
                 },
             )
-        reservation = LlmReservation(
-            month=month,
-            amount=amount,
-            model=model[:270],
-            feature=feature[:32],
-            request_id=request_id[:64],
-            created_at=now,
-            expires_at=now + timedelta(seconds=ttl_s),
-        )
-        if save:  # else the caller saves it in this transaction (``llm_call_open``)
-            reservation.save()
-        return reservation
+    return LlmReservation(
+        month=month,
+        amount=amount,
+        model=model[:270],
+        feature=feature[:32],
+        request_id=request_id[:64],
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_s),
+    )
 
 
 def llm_call_open(
@@ -1078,25 +1155,14 @@ def llm_call_open(
         at=now,
     )
     with transaction.atomic():
-        if amount > 0:
-            reservation = llm_budget_reserve(
-                amount=amount,
-                model=model,
-                feature=feature,
-                request_id=request_id,
-                ttl_s=ttl_s,
-                save=False,
-            )
-        else:
-            reservation = LlmReservation(
-                month=month_start(),
-                amount=Decimal(0),
-                model=model[:270],
-                feature=feature[:32],
-                request_id=request_id[:64],
-                created_at=now,
-                expires_at=now + timedelta(seconds=ttl_s),
-            )
+        reservation = _llm_reservation(
+            amount=amount,
+            model=model,
+            feature=feature,
+            request_id=request_id,
+            ttl_s=ttl_s,
+            now=now,
+        )
         call.save()
         reservation.call = call
         reservation.cache_key = cache_key[:64]
@@ -1154,7 +1220,16 @@ def _llm_call_row(
     if subject is not None and getattr(subject, "pk", None) is not None:
         call.content_type = ContentType.objects.get_for_model(subject)
         call.object_id = str(subject.pk)
+    call._spend_counted = True  # its cost moves the month's counter here, not by a signal
     return call
+
+
+def llm_ledger_changed(*, call: LlmCall, deleted: bool = False) -> None:
+    """A ledger row saved or deleted outside billing's settlement paths (the admin, a test,
+    a data fix): the month's spend counter is summed again at the next reservation."""
+    if getattr(call, "_spend_counted", False) or (deleted and not call.cost):
+        return
+    llm_spent_counter_reset(month=call.month)
 
 
 def llm_budget_release(*, reservation: LlmReservation | None) -> None:
@@ -1203,17 +1278,33 @@ def llm_call_record(
         request_id=request_id,
         at=at,
     )
+    cost_e8 = _e8(call.cost)
     if reservation is None:
-        call.save()
+        if cost_e8:
+            with transaction.atomic():
+                _llm_spent_add(call.month, cost_e8)
+                call.save()
+        else:
+            call.save()
         llm_call_settled.send(sender=LlmCall, call=call)
         return call
+    # The write-ahead row keeps its month (and created_at: when the call left).
+    month = reservation.month if reservation.call_id else call.month
+    outermost = not connection.in_atomic_block
     with transaction.atomic():
-        # The budget row's lock serialises the settlement with reservations: on PostgreSQL
-        # (READ COMMITTED: one snapshot per statement) a reservation reading the spend, then
-        # the holds, could otherwise miss a call settled between its two reads.
-        # (SQLite needs no lock query: its IMMEDIATE transactions already run one at a time.)
-        if connection.vendor != "sqlite" and reservation.amount:
-            MonthlyBudget.objects.select_for_update().filter(month=reservation.month).first()
+        if outermost and connection.vendor == "postgresql":
+            # No wait for the WAL flush at this commit: the write-ahead row and its hold were
+            # committed durably before the request left, so a settlement lost with a crashed
+            # database server leaves the call in flight for recovery to settle (from the
+            # response cache, else at the held worst case), never unrecorded; the next
+            # durable commit of any session flushes it anyway. A killed worker process loses
+            # nothing: the commit has returned.
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        # The spend counter first: its UPDATE takes the month's budget row lock before the
+        # cost changes, so a reservation never decides on a counter missing a settled cost.
+        if cost_e8:
+            _llm_spent_add(month, cost_e8)
         written = False
         if reservation.call_id:
             # The write-ahead row (created_at stays when the call left): completed in place,
@@ -1223,11 +1314,23 @@ def llm_call_record(
                 for f in LlmCall._meta.concrete_fields
                 if f.attname not in ("id", "created_at", "day", "month")
             }
-            written = LlmCall.objects.filter(pk=reservation.call_id).update(**values) == 1
+            rows = LlmCall.objects.filter(pk=reservation.call_id)
+            # Still in flight (cost 0): the common case, the counter already moved by cost.
+            written = rows.filter(outcome=LLM_IN_FLIGHT).update(**values) == 1
+            if not written:
+                if not cost_e8:
+                    _llm_spent_add(month, 0)  # the lock, before the cost changes
+                before = rows.values_list("cost", flat=True).first()
+                if before is not None:  # settled by a recovery meanwhile: overwritten
+                    written = rows.update(**values) == 1
+                    _llm_spent_add(month, -_e8(before))
             call.pk = reservation.call_id
         if not written:
             call.pk = None
             call.save()
+            if cost_e8 and call.month != month:
+                _llm_spent_add(month, -cost_e8)
+                _llm_spent_add(call.month, cost_e8)
         LlmReservation.objects.filter(pk=reservation.pk).delete()
     llm_call_settled.send(sender=LlmCall, call=call)
     return call

@@ -46,15 +46,21 @@ class Breaker:
         self._dirty = False  # this call saw failures recorded (success must clear them)
         self.is_probe = False
 
-    def before_call(self) -> float | None:
-        """None when the call may go ahead; else the seconds until it may be tried again."""
+    def state_keys(self) -> list[str]:
+        """The cache keys ``before_call`` reads (a caller may fetch them with its own keys)."""
+        return [self.k_open, self.k_fail]
+
+    def before_call(self, state: dict | None = None) -> float | None:
+        """None when the call may go ahead; else the seconds until it may be tried again.
+        ``state``: the values of ``state_keys()`` already read from the cache (else read)."""
         if self.is_probe:
             return None  # this call is the half-open probe (its retries included)
-        try:
-            state = cache.get_many([self.k_open, self.k_fail])
-        except dependency_errors() as exc:
-            _unreachable(exc)
-            return self._local_before_call()
+        if state is None:
+            try:
+                state = cache.get_many([self.k_open, self.k_fail])
+            except dependency_errors() as exc:
+                _unreachable(exc)
+                return self._local_before_call()
         open_until = state.get(self.k_open)
         self._dirty = bool(state.get(self.k_fail)) or open_until is not None
         if open_until is None:

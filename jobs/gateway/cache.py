@@ -57,6 +57,18 @@ def lookup(key: str) -> dict | None:
         return None
 
 
+def lookup_with(key: str, others: list[str]) -> tuple[dict | None, dict | None]:
+    """``lookup(key)`` and the values of the cache keys ``others`` (the breaker's state) in one
+    round trip: (the hit or None, {other key: value} for those present). (None, None) when the
+    cache is unreachable."""
+    try:
+        found = cache.get_many([PREFIX + key, *others])
+    except dependency_errors() as exc:
+        warn_degraded(logger, "gateway response cache", exc)
+        return None, None
+    return found.pop(PREFIX + key, None), found
+
+
 def store(key: str, *, raw: str, prompt_tokens: int, completion_tokens: int, ttl_s: int) -> None:
     if ttl_s <= 0:
         return

@@ -481,8 +481,15 @@ def _before(
         run_index=run_index,
     )
     meta.cache_key = key
+    breaker = state.breaker = Breaker(
+        model.provider.slug,
+        threshold=int(conf["breaker_failure_threshold"]),
+        reset_s=float(conf["breaker_reset_s"]),
+    )
+    breaker_state = None
     if cache == "default":
-        hit = response_cache.lookup(key)
+        # The answer and the provider's breaker state in one cache round trip.
+        hit, breaker_state = response_cache.lookup_with(key, breaker.state_keys())
         if hit is not None:
             meta.cached = True
             meta.prompt_tokens = hit["prompt_tokens"]
@@ -501,12 +508,7 @@ def _before(
     state.prompt_est = prompt_est
     worst = call_cost(model, prompt_est, max_tokens)
 
-    breaker = state.breaker = Breaker(
-        model.provider.slug,
-        threshold=int(conf["breaker_failure_threshold"]),
-        reset_s=float(conf["breaker_reset_s"]),
-    )
-    wait = breaker.before_call()
+    wait = breaker.before_call(breaker_state)
     if wait is not None:
         raise CircuitOpen(
             f"Provider '{model.provider.slug}' is failing; calls to it are paused for {wait:.1f}s.",
