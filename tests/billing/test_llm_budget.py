@@ -180,3 +180,70 @@ def test_fifty_parallel_calls_never_overspend(loopback_model, openai_server, fas
     assert LlmCall.objects.count() == 50
     assert LlmCall.objects.filter(outcome="error:budget_exceeded").count() == 50 - ok
     assert len(openai_server.calls()) == ok
+
+
+def _counter() -> int | None:
+    from billing.models import MonthlyBudget
+
+    return MonthlyBudget.objects.get(month=services.month_start()).llm_spent_e8
+
+
+def _ledger_e8() -> int:
+    return sum(int(c * services.E8) for c in LlmCall.objects.values_list("cost", flat=True))
+
+
+@pytest.mark.django_db
+def test_the_spend_counter_follows_the_ledger_exactly(loopback_model, openai_server, fast_gateway):
+    """The month's running gateway spend equals the ledger's SUM after calls, failures and a
+    cache hit; a ledger row written outside billing forgets it, and the next reservation sums
+    it again; saving the budget (the page, the admin) never writes back a stale counter."""
+    from billing.models import MonthlyBudget
+
+    _priced(loopback_model)
+    services.budget_set(user=None, amount=Decimal("5.00"))
+    gateway.chat(model=loopback_model.key, request=BODY)
+    gateway.chat(model=loopback_model.key, request=BODY)  # a cache hit: no cost
+    openai_server.fail(400)
+    with pytest.raises(gateway.ProviderError):
+        gateway.chat(model=loopback_model.key, request={**BODY, "seed": 2})
+    gateway.chat(model=loopback_model.key, request={**BODY, "seed": 3})
+    assert _counter() == _ledger_e8() == int(Decimal("0.14") * services.E8)
+
+    stale = MonthlyBudget.objects.get(month=services.month_start())
+    gateway.chat(model=loopback_model.key, request={**BODY, "seed": 4})
+    stale.amount = Decimal("6.00")
+    stale.save()  # the page's save: every field but the counter
+    assert _counter() == _ledger_e8() == int(Decimal("0.22") * services.E8)
+
+    # A row written around billing (the admin, a data fix): forgotten, then summed again.
+    LlmCall.objects.create(
+        month=services.month_start(),
+        day=timezone.localdate(),
+        model="m",
+        provider="p",
+        cost=Decimal("0.12345678"),
+    )
+    assert _counter() is None
+    services.llm_budget_release(
+        reservation=services.llm_budget_reserve(amount=Decimal("0.01"), model="m")
+    )
+    assert _counter() == _ledger_e8() == int(Decimal("0.34345678") * services.E8)
+    assert services.month_spent(month=services.month_start()) == Decimal("0.34")
+
+
+@pytest.mark.django_db
+def test_the_counter_refuses_at_the_same_point_as_the_ledger():
+    """A reservation decides on the counter: spend recorded through billing counts at once."""
+    services.budget_set(user=None, amount=Decimal("1.00"))
+    held = services.llm_budget_reserve(amount=Decimal("0.90"), model="m")
+    services.llm_call_record(
+        reservation=held, feature="judge", provider="p", model="m", cost=Decimal("0.85")
+    )
+    services.llm_call_record(
+        reservation=None, feature="judge", provider="p", model="m", cost=Decimal("0.10")
+    )
+    assert _counter() == _ledger_e8() == int(Decimal("0.95") * services.E8)
+    with pytest.raises(services.BudgetExceeded) as caught:
+        services.llm_budget_reserve(amount=Decimal("0.06"), model="m")
+    assert caught.value.details["spent"] == Decimal("0.95")
+    assert services.llm_budget_reserve(amount=Decimal("0.05"), model="m")
