@@ -68,6 +68,18 @@ class RateLimited(CrucibleError):
         super().__init__(message, details=details or {"retry_after": self.retry_after})
 
 
+class QueueFull(CrucibleError):
+    """Backpressure: the queue the work would go to is past its limit (config/backpressure.py)."""
+
+    status_code = 503
+    code = "queue_full"
+    default_message = "The work queue is full; submit again later."
+
+    def __init__(self, message: str | None = None, *, retry_after: int, details: Any = None):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, details=details)
+
+
 class ExternalServiceError(CrucibleError):
     """A call to something outside Crucible failed (RunPod, S3, an LLM API, Slack...).
 

@@ -497,6 +497,9 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", PROMETHEUS_MULTIPROC_DIR)
 Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 MIDDLEWARE.insert(1, "config.middleware.MetricsMiddleware")
-# Batch evaluations are refused (503 + Retry-After) while the long queue holds this many tasks.
-EVAL_QUEUE_LIMIT = env.int("EVAL_QUEUE_LIMIT", default=1000)
-EVAL_QUEUE_RETRY_AFTER_S = env.int("EVAL_QUEUE_RETRY_AFTER_S", default=30)
+# Batch jobs and batch evaluations are refused (503 + Retry-After) while the long queue holds
+# this many messages (config/backpressure.py; EVAL_QUEUE_* are the earlier names).
+BATCH_QUEUE_LIMIT = env.int("BATCH_QUEUE_LIMIT", default=env.int("EVAL_QUEUE_LIMIT", default=1000))
+BATCH_QUEUE_RETRY_AFTER_S = env.int(
+    "BATCH_QUEUE_RETRY_AFTER_S", default=env.int("EVAL_QUEUE_RETRY_AFTER_S", default=30)
+)

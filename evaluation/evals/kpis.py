@@ -132,11 +132,9 @@ def gateway_models(since) -> dict:
 
 
 def queues() -> dict:
-    from django.conf import settings
+    from config.backpressure import queue_depth, queue_limit
 
-    from evaluation.evals.services import queue_depth
-
-    limit = int(getattr(settings, "EVAL_QUEUE_LIMIT", 1000))
+    limit = queue_limit()
     return {
         name: {"depth": queue_depth(name), "limit": limit if name == "long" else None}
         for name in ("control", "long")

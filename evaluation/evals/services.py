@@ -13,13 +13,13 @@ import logging
 import os
 import platform
 from decimal import Decimal
-from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from config.errors import CrucibleError, InvalidInput, NotFound
+from config.backpressure import check_backpressure
+from config.errors import InvalidInput, NotFound
 from evaluation.evals import rubrics as rubric_registry
 from evaluation.evals import scorers
 from evaluation.models import BatchEval, EvalDataset, EvalRun
@@ -32,17 +32,6 @@ EVAL_KIND = "eval"  # the batch job kind of batch evaluations (evaluation/evals/
 MAX_BATCH_ITEMS = 20_000
 DEFAULT_DECODING = {"temperature": 0, "max_tokens": 128, "seed": 1}
 DEFAULT_EMBED_MODEL = "offline/all-minilm-l6-v2"
-
-
-class QueueFull(CrucibleError):
-    """Backpressure: the queue the work would go to is past its limit."""
-
-    status_code = 503
-    code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after: int, details: Any = None):
-        self.retry_after = retry_after
-        super().__init__(message, details=details)
 
 
 def _rubric(ref: str) -> rubric_registry.Rubric:
@@ -279,39 +268,6 @@ def evaluation_get(run_id) -> EvalRun:
     if run is None:
         raise NotFound(f"No evaluation run {run_id}.")
     return run
-
-
-# --- Backpressure -------------------------------------------------------------------------------
-
-
-def queue_depth(queue: str) -> int | None:
-    """Messages waiting on a Celery queue: LLEN on Redis; on the filesystem broker, the
-    message files in its queue folder whose routing key is ``queue``. None when unknown."""
-    broker = str(getattr(settings, "CELERY_BROKER_URL", ""))
-    try:
-        if broker.startswith(("redis://", "rediss://")):
-            import redis
-
-            client = redis.Redis.from_url(broker, socket_timeout=0.5, socket_connect_timeout=0.5)
-            return int(client.llen(queue))
-        folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("data_folder_in")
-        if not folder or not os.path.isdir(folder):
-            return None
-        return sum(1 for name in os.listdir(folder) if name.endswith(f".{queue}.msg"))
-    except Exception:
-        logger.warning("queue depth of %s unreadable", queue, exc_info=True)
-        return None
-
-
-def check_backpressure(queue: str = "long") -> None:
-    limit = int(getattr(settings, "EVAL_QUEUE_LIMIT", 1000))
-    depth = queue_depth(queue)
-    if depth is not None and depth >= limit:
-        raise QueueFull(
-            f"The {queue} queue holds {depth} tasks (limit {limit}); submit again later.",
-            retry_after=int(getattr(settings, "EVAL_QUEUE_RETRY_AFTER_S", 30)),
-            details={"queue": queue, "depth": depth, "limit": limit},
-        )
 
 
 # --- Batch evaluations --------------------------------------------------------------------------

@@ -44,24 +44,5 @@ def connect() -> None:
     except ImportError:  # a checkout without the public API
         return
     from evaluation.evals.api import router
-    from evaluation.evals.services import QueueFull
 
     public_api.add_router("", router)
-
-    @public_api.exception_handler(QueueFull)
-    def _queue_full(request, exc: QueueFull):
-        from django.http import JsonResponse
-
-        from config.errors import envelope
-
-        response = JsonResponse(
-            envelope(
-                code=exc.code,
-                message=exc.message,
-                details=exc.details,
-                request_id=getattr(request, "request_id", None),
-            ),
-            status=503,
-        )
-        response["Retry-After"] = str(exc.retry_after)
-        return response

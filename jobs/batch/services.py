@@ -30,6 +30,7 @@ from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
 from config import longtasks
+from config.backpressure import check_backpressure
 from config.errors import Conflict, InvalidInput, NotFound
 from corpora import filters as corpus_filters
 from corpora.models import Chunk, Corpus
@@ -537,6 +538,7 @@ def job_create(
         runs=runs,
         decoding=decoding,
     )
+    check_backpressure("long")  # 503 + Retry-After while the batch queue is at its limit
     if not plan.budget["fits"]:
         raise gateway.BudgetExceeded(
             f"This job's estimate ({plan.cost:.4f}) is over what is left of the month's budget "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from config import backpressure
 from config.roles import Role
 from evaluation.evals import services
 from evaluation.models import BatchEval, EvalRun
@@ -254,14 +255,14 @@ def test_backpressure_refuses_with_503_and_retry_after(engineer, monkeypatch, se
 
     assert RegisteredModel.objects.filter(key=OFFLINE).exists()
     dataset = upload(engineer, "bp", jsonl(samples()[:2])).json()
-    settings.EVAL_QUEUE_LIMIT = 5
-    monkeypatch.setattr(services, "queue_depth", lambda queue: 9)
+    settings.BATCH_QUEUE_LIMIT = 5
+    monkeypatch.setattr(backpressure, "queue_depth", lambda queue: 9)
     response = engineer.post(
         "/v1/batch-evals",
         json={"dataset": dataset["id"], "models": [OFFLINE], "rubric": "grounded_qa"},
     )
     error = assert_envelope(response, 503, "queue_full")
-    assert response["Retry-After"] == str(settings.EVAL_QUEUE_RETRY_AFTER_S)
+    assert response["Retry-After"] == str(settings.BATCH_QUEUE_RETRY_AFTER_S)
     assert error["details"] == {"queue": "long", "depth": 9, "limit": 5}
     assert (
         not BatchEval.objects.exists() and not EvalRun.objects.filter(batch__isnull=False).exists()
@@ -274,7 +275,7 @@ def test_filesystem_queue_depth_counts_the_queue_files(tmp_path, settings):
     for i in range(3):
         (tmp_path / f"1_{i}.long.msg").write_text("{}")
     (tmp_path / "1_9.control.msg").write_text("{}")
-    assert services.queue_depth("long") == 3 and services.queue_depth("control") == 1
+    assert backpressure.queue_depth("long") == 3 and backpressure.queue_depth("control") == 1
 
 
 def test_bad_batch_inputs_and_cancel(engineer, db):

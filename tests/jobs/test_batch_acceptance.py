@@ -214,6 +214,22 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(
     assert BatchJob.objects.count() == 0 and BatchTask.objects.count() == 0
 
 
+def test_a_full_batch_queue_refuses_with_503_and_retry_after(
+    api_as, narratives, settings, monkeypatch
+):
+    from config import backpressure
+
+    settings.BATCH_QUEUE_LIMIT = 100
+    monkeypatch.setattr(backpressure, "queue_depth", lambda queue: 100 if queue == "long" else 0)
+    response = _post(api_as(Role.ENGINEER), narratives)
+    error = assert_envelope(response, 503, "queue_full")
+    assert response["Retry-After"] == str(settings.BATCH_QUEUE_RETRY_AFTER_S)
+    assert error["details"] == {"queue": "long", "depth": 100, "limit": 100}
+    assert BatchJob.objects.count() == 0 and BatchTask.objects.count() == 0
+    # Bad input is still named first: a full queue is no reason to hide it.
+    assert_envelope(_post(api_as(Role.ENGINEER), narratives, runs=0), 422)
+
+
 def test_over_budget_is_refused_and_writes_nothing(api_as, narratives, json_model):
     from billing.services import budget_set
 
