@@ -1,10 +1,14 @@
 """Batch LLM jobs: throughput through the whole path, overhead per task, memory of task creation.
 
 1. Throughput: a job on the loopback OpenAI server (50 ms per call) with a rate limit of
-   BENCH_BATCH_RPM requests per minute, run by a real Celery worker (BENCH_BATCH_CONCURRENCY
-   processes, queues long+control) through dispatch windows, the gateway (rate limiter, ledger,
-   cache) and the database; against a sequential loop of the same calls with the openai SDK in
-   the same run. Target: within 10% of the rate limit.
+   BENCH_BATCH_RPM requests per moving 60-s window (GATEWAY_RATE_WINDOW_S; how providers count
+   "per minute"), run by a real Celery worker (BENCH_BATCH_CONCURRENCY processes, queues
+   long+control) through dispatch windows, the gateway (rate limiter, ledger, cache) and the
+   database; the job spans more than two windows, so the figure is the calls the loopback
+   server received in each whole window after the first (the sustained rate under the limit),
+   with the most in any window (never above the limit) and the unthrottled pace while a window
+   still had room. A sequential loop of the same calls with the openai SDK runs first in the
+   same run as a yardstick of the server's speed. Target: sustained within 10% of the limit.
 2. Overhead per task: the same tasks run in process (claim, prompt, gateway, validation, result
    write, window top-up) on a server without latency, minus the direct SDK calls, per task.
    Target: under 5 ms. The two sides alternate job by job (bench/_alternate.py: the order
@@ -19,7 +23,7 @@ Celery worker started for it (8 s of start-up, then a rate-limited job of BENCH_
 calls), and its figure is the share of the rate limit reached, not a ratio; the sequential SDK
 loop printed beside it (run just before) is a yardstick of the loopback server's speed.
 
-Sizes: BENCH_BATCH_TASKS (default 400), BENCH_BATCH_RPM (default 1200), BENCH_BATCH_SIZES,
+Sizes: BENCH_BATCH_TASKS (default 920), BENCH_BATCH_RPM (default 360), BENCH_BATCH_SIZES,
 BENCH_BATCH_ROUNDS (default 3).
 """
 
@@ -102,6 +106,27 @@ def _direct(server, job) -> float:
     return time.perf_counter() - started
 
 
+def _windows(arrivals: list[float], window: float) -> tuple[list[int], int]:
+    """Calls that arrived in each whole window after the first call, and the most that
+    arrived in any window of that length (two pointers over the sorted arrival times)."""
+    if not arrivals:
+        return [], 0
+    times = sorted(arrivals)
+    first = times[0]
+    whole = int((times[-1] - first) // window)
+    per = [0] * whole
+    for t in times:
+        k = int((t - first) // window)
+        if k < whole:
+            per[k] += 1
+    busiest, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        busiest = max(busiest, hi - lo + 1)
+    return per, busiest
+
+
 def throughput(corpus, n_tasks: int, rpm: int, concurrency: int) -> None:
     from django.conf import settings
 
@@ -111,6 +136,7 @@ def throughput(corpus, n_tasks: int, rpm: int, concurrency: int) -> None:
 
     server = OpenAIServer(latency=0.05)
     server.completion = json_completion
+    window = max(1, int(settings.GATEWAY_RATE_WINDOW_S))
     try:
         model = _setup(server, rpm, "bench-rl")
         job = _job(corpus, model, n_tasks, start=False)
@@ -159,14 +185,35 @@ def throughput(corpus, n_tasks: int, rpm: int, concurrency: int) -> None:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
         done = job.tasks.filter(status="succeeded").count()
-        limit = rpm / 60
+        arrivals = [c.at for c in server.calls()]
+        per_window, busiest = _windows(arrivals, window)
+        # The first window's calls go out as fast as the platform can send them (the limit is
+        # "rpm per moving minute", as providers count it): that span is its capacity.
+        first = sorted(arrivals)[: min(rpm, len(arrivals))]
+        burst = (len(first) - 1) / (first[-1] - first[0]) if len(first) > 1 else 0.0
         print(
-            f"throughput: {done}/{job.task_count} tasks in {wall:.1f} s = {done / wall:.2f} "
-            f"tasks/s through Celery ({concurrency} processes) + gateway + DB, rate limit "
-            f"{limit:.2f}/s ({100 * done / wall / limit:.0f}% of it); sequential SDK loop of "
-            f"the same calls: {job.task_count / direct_s:.2f} calls/s "
-            f"({1000 * direct_s / job.task_count:.1f} ms each, 50 ms server latency)"
+            f"throughput: {done}/{job.task_count} tasks in {wall:.1f} s through Celery "
+            f"({concurrency} processes) + gateway + DB at a limit of {rpm} requests per "
+            f"{window} s ({rpm / window:.2f}/s); sequential SDK loop of the same calls: "
+            f"{job.task_count / direct_s:.2f} calls/s ({1000 * direct_s / job.task_count:.1f} ms "
+            f"each, 50 ms server latency)"
         )
+        if len(per_window) >= 2:
+            steady = per_window[1:]
+            share = min(steady) / rpm
+            print(
+                f"  calls per whole {window}-s window: {per_window}; sustained after the first: "
+                f"{min(steady)}-{max(steady)} = {100 * share:.0f}% of the limit (target >= 90%); "
+                f"most in any {window}-s window {busiest} (limit {rpm}: "
+                f"{'never exceeded' if busiest <= rpm else 'EXCEEDED'}); unthrottled pace "
+                f"while the window had room {burst:.1f} calls/s"
+            )
+        else:
+            print(
+                f"  the job spanned under two {window}-s windows: no sustained figure "
+                f"(raise BENCH_BATCH_TASKS or lower BENCH_BATCH_RPM); most in any window "
+                f"{busiest} (limit {rpm}); pace {burst:.1f} calls/s"
+            )
     finally:
         server.close()
 
@@ -253,13 +300,13 @@ def main() -> None:
 
     services.framework_sync()
     corpus = _corpus()
-    n_tasks = int(os.environ.get("BENCH_BATCH_TASKS", "400"))
+    n_tasks = int(os.environ.get("BENCH_BATCH_TASKS", "920"))
     sizes = [int(s) for s in os.environ.get("BENCH_BATCH_SIZES", "1000,10000,100000").split(",")]
     creation(corpus, sizes)
     overhead(corpus, min(n_tasks, 200), int(os.environ.get("BENCH_BATCH_ROUNDS", "3")))
     throughput(
         corpus,
         n_tasks,
-        int(os.environ.get("BENCH_BATCH_RPM", "1200")),
+        int(os.environ.get("BENCH_BATCH_RPM", "360")),
         int(os.environ.get("BENCH_BATCH_CONCURRENCY", "4")),
     )

@@ -943,9 +943,11 @@ def task_run(
     )
     if claimed != 1:
         return None
-    task = BatchTask.objects.select_related("chunk", "chunk__document").only(*_TASK_FIELDS)
-    task = task.get(pk=task_id)
-    job_status = BatchJob.objects.filter(pk=task.job_id).values_list("status", flat=True).first()
+    # The job's status comes with the task (one round trip): a paused or cancelled job's
+    # task goes back unrun.
+    task = BatchTask.objects.select_related("chunk", "chunk__document", "job")
+    task = task.only(*_TASK_FIELDS, "job__status").get(pk=task_id)
+    job_status = task.job.status
     mine = BatchTask.objects.filter(pk=task_id, status=BatchTask.Status.RUNNING, claimed_by=claim)
     if job_status != BatchJob.Status.RUNNING:
         back = BatchTask.Status.CANCELLED if job_status == "cancelled" else BatchTask.Status.PENDING

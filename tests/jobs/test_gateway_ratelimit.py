@@ -38,7 +38,7 @@ def test_interactive_caller_gets_rate_limited(
         gateway.chat(model=loopback_model.key, request=BODY, cache="no-store")
     error = caught.value
     assert error.status_code == 429 and error.code == "rate_limited"
-    assert 0 < error.retry_after <= 30
+    assert 0 < error.retry_after <= 31  # the window and its margin (ratelimit.held_s)
     assert error.details["retry_after"] == math.ceil(error.retry_after)
     assert len(openai_server.calls()) == 2
     assert LlmCall.objects.filter(outcome="error:rate_limited").count() == 1
@@ -212,3 +212,19 @@ def test_two_processes_share_one_limit(loopback_model, openai_server, settings):
     # ... and the limit was used: the run saw about seconds / window windows' worth.
     assert len(arrivals) >= limit * int(seconds // window)
     ratelimit._limiter = None
+
+
+def test_a_taken_slot_counts_a_little_longer_than_the_window(settings):
+    """Requests reach the provider after they take a slot: the slot is held past the window
+    (1 s per 30 s), so late arrivals never put the provider's own window over the limit."""
+    from types import SimpleNamespace
+
+    from jobs.gateway.ratelimit import held_s, limits_for
+
+    settings.GATEWAY_RATE_WINDOW_S = 60
+    provider = SimpleNamespace(slug="p", requests_per_minute=360, tokens_per_minute=None)
+    model = SimpleNamespace(key="p/m", requests_per_minute=None, tokens_per_minute=None)
+    (limit,) = limits_for(provider, model)
+    item = limit.item()
+    assert (item.amount, item.get_expiry()) == (360, 62)
+    assert held_s(1) == 1 and held_s(30) == 31  # short test windows are left as they are
