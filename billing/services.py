@@ -919,19 +919,35 @@ def _budget_row_locked(month: date) -> tuple[Decimal, int]:
     return Decimal(str(amount)).quantize(CENT), int(spent)
 
 
-def _llm_spent_add(month: date, delta_e8: int) -> None:
+NO_FLUSH_WAIT = "SET LOCAL synchronous_commit TO OFF"
+
+
+def _server_side_binding() -> bool:
+    return bool(connection.settings_dict.get("OPTIONS", {}).get("server_side_binding"))
+
+
+def _llm_spent_add(month: date, delta_e8: int, *, no_flush_wait: bool = False) -> None:
     """Move the month's gateway spend counter by ``delta_e8`` (0: only take the row's lock).
 
     Call it before changing any call's cost in the same transaction: the UPDATE takes the
     budget row's lock first, so a reservation never reads a counter that misses a cost
     committed before it (the reservation then waits for this transaction), and a counter
     being summed from the ledger (NULL + delta stays NULL) never misses one either. A month
-    without a row gets one (its counter is then summed at the next reservation)."""
+    without a row gets one (its counter is then summed at the next reservation).
+    ``no_flush_wait`` (PostgreSQL): the transaction's commit does not wait for the WAL
+    flush; with client-side binding (DB_PREPARED_STATEMENTS=0) set in the same round trip as
+    the UPDATE (both statements in one query; ``nextset`` moves to the UPDATE's result)."""
     table = MonthlyBudget._meta.db_table
     sql = f"UPDATE {table} SET llm_spent_e8 = llm_spent_e8 + %s WHERE month = %s"  # noqa: S608
     day = connection.ops.adapt_datefield_value(month)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [delta_e8, day])
+        if no_flush_wait and not _server_side_binding():
+            cursor.execute(f"{NO_FLUSH_WAIT}; {sql}", [delta_e8, day])
+            cursor.nextset()
+        else:
+            if no_flush_wait:  # a bound (or prepared) statement is one statement a query
+                cursor.execute(NO_FLUSH_WAIT)
+            cursor.execute(sql, [delta_e8, day])
         if cursor.rowcount == 0:
             _budget_locked(month)
             cursor.execute(sql, [delta_e8, day])
@@ -1232,6 +1248,17 @@ def llm_ledger_changed(*, call: LlmCall, deleted: bool = False) -> None:
     llm_spent_counter_reset(month=call.month)
 
 
+def _reservation_delete(pk) -> None:
+    """DELETE one reservation row by id: plain SQL in the settlement's hot path (nothing
+    refers to a reservation and no signal listens, so the ORM's deletion collector has
+    nothing to do but costs more than the statement)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {LlmReservation._meta.db_table} WHERE id = %s",  # noqa: S608
+            [pk],
+        )
+
+
 def llm_budget_release(*, reservation: LlmReservation | None) -> None:
     if reservation is not None and reservation.pk:
         LlmReservation.objects.filter(pk=reservation.pk).delete()
@@ -1290,21 +1317,21 @@ def llm_call_record(
         return call
     # The write-ahead row keeps its month (and created_at: when the call left).
     month = reservation.month if reservation.call_id else call.month
-    outermost = not connection.in_atomic_block
+    # No wait for the WAL flush at this commit (PostgreSQL, our own transaction): the
+    # write-ahead row and its hold were committed durably before the request left, so a
+    # settlement lost with a crashed database server leaves the call in flight for recovery
+    # to settle (from the response cache, else at the held worst case), never unrecorded; the
+    # next durable commit of any session flushes it anyway. A killed worker process loses
+    # nothing: the commit has returned.
+    no_flush_wait = not connection.in_atomic_block and connection.vendor == "postgresql"
     with transaction.atomic():
-        if outermost and connection.vendor == "postgresql":
-            # No wait for the WAL flush at this commit: the write-ahead row and its hold were
-            # committed durably before the request left, so a settlement lost with a crashed
-            # database server leaves the call in flight for recovery to settle (from the
-            # response cache, else at the held worst case), never unrecorded; the next
-            # durable commit of any session flushes it anyway. A killed worker process loses
-            # nothing: the commit has returned.
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
         # The spend counter first: its UPDATE takes the month's budget row lock before the
         # cost changes, so a reservation never decides on a counter missing a settled cost.
         if cost_e8:
-            _llm_spent_add(month, cost_e8)
+            _llm_spent_add(month, cost_e8, no_flush_wait=no_flush_wait)
+        elif no_flush_wait:
+            with connection.cursor() as cursor:
+                cursor.execute(NO_FLUSH_WAIT)
         written = False
         if reservation.call_id:
             # The write-ahead row (created_at stays when the call left): completed in place,
@@ -1331,7 +1358,7 @@ def llm_call_record(
             if cost_e8 and call.month != month:
                 _llm_spent_add(month, -cost_e8)
                 _llm_spent_add(call.month, cost_e8)
-        LlmReservation.objects.filter(pk=reservation.pk).delete()
+        _reservation_delete(reservation.pk)
     llm_call_settled.send(sender=LlmCall, call=call)
     return call
 

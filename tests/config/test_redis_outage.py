@@ -211,7 +211,7 @@ def test_gateway_rate_limits_fall_back_to_a_per_process_limiter(redis_mode, monk
     assert ratelimit.try_acquire(limits, tokens=10) is None
     assert ratelimit.try_acquire(limits, tokens=10) is None
     wait = ratelimit.try_acquire(limits, tokens=10)
-    assert wait is not None and 0 < wait <= 60
+    assert wait is not None and 0 < wait <= 62  # the window and its margin (held_s)
     redis_mode.start()  # shared counters again (an empty Redis: room for two)
     assert ratelimit.try_acquire(limits, tokens=10) is None
     assert ratelimit.limiter().storage.check()
