@@ -1,6 +1,6 @@
 """The 'eval' kind of batch job: a rubric over dataset samples.
 
-The batch engine (jobs/batch/services.py) creates, dispatches, claims, retries, recovers and
+The batch engine (jobs/batch/services/engine.py) creates, dispatches, claims, retries, recovers and
 ends the tasks; this kind scores one claimed task's sample into its item (the EvalRun tied to
 the task, one per task) and tells the engine how it ended:
 

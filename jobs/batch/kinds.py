@@ -1,6 +1,6 @@
 """What a batch job's tasks do, by the job's ``kind``.
 
-The engine (jobs/batch/services.py) owns a task's life whatever it does: bulk creation with
+The engine (jobs/batch/services/engine.py) owns a task's life whatever it does: bulk creation with
 deterministic ids, bounded dispatch per model, the atomic claim, heartbeats, retries of
 transient gateway errors with backoff and Retry-After, pause/resume/cancel, crash recovery and
 the job's end. A kind owns the rest: what one claimed task does (its gateway calls and what it
