@@ -935,8 +935,8 @@ def _llm_spent_add(month: date, delta_e8: int, *, no_flush_wait: bool = False) -
     being summed from the ledger (NULL + delta stays NULL) never misses one either. A month
     without a row gets one (its counter is then summed at the next reservation).
     ``no_flush_wait`` (PostgreSQL): the transaction's commit does not wait for the WAL
-    flush; with client-side binding (DB_PREPARED_STATEMENTS=0) set in the same round trip as
-    the UPDATE (both statements in one query; ``nextset`` moves to the UPDATE's result)."""
+    flush, set in the same round trip as the UPDATE with Django's default client-side binding
+    (both statements in one query; ``nextset`` moves to the UPDATE's result)."""
     table = MonthlyBudget._meta.db_table
     sql = f"UPDATE {table} SET llm_spent_e8 = llm_spent_e8 + %s WHERE month = %s"  # noqa: S608
     day = connection.ops.adapt_datefield_value(month)

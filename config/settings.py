@@ -129,14 +129,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-crucible.sqlite3")}
 else:
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
-    if env.bool("DB_PREPARED_STATEMENTS", default=True):
-        # psycopg 3 prepares a statement on the server after ``prepare_threshold`` runs on a
-        # connection, so the hot paths (a batch task's claim and result, the gateway's ledger
-        # and budget hold) stop paying PostgreSQL's planning on every call: about 1 ms of a
-        # batch task's 2.8 ms of queries (bench/bench_batch.py). Needs server-side binding.
-        # Off (DB_PREPARED_STATEMENTS=0) behind a transaction-pooling PgBouncer, which cannot
-        # keep a session's prepared statements.
-        DATABASES["default"]["OPTIONS"].update(server_side_binding=True, prepare_threshold=5)
+    # Not server-side binding with prepared statements: tried, it took about 1 ms off a batch
+    # task's 2.8 ms of queries (no planning per call), but a bound query takes at most 65,535
+    # parameters and Django does not batch for that limit: deleting a job of 100,000 tasks
+    # failed (bench_batch), and so would a job over every chunk of a corpus that large.
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 

@@ -6,9 +6,10 @@ transient gateway errors with backoff and Retry-After, pause/resume/cancel, cras
 the job's end. A kind owns the rest: what one claimed task does (its gateway calls and what it
 keeps), what a task that fails outside its code leaves behind, and what follows progress.
 
-The engine's own kind, 'framework', is a framework over corpus chunks (services.py registers
-it). An app above jobs registers its kinds in its ``AppConfig.ready()`` (evaluation: 'eval',
-a rubric over dataset samples), so jobs never imports it.
+The engine's own kind, 'framework', is a framework over corpus chunks (registered by
+services/framework_kind.py). An app above jobs registers its kinds in its
+``AppConfig.ready()`` (evaluation: 'eval', a rubric over dataset samples), so jobs never
+imports it.
 """
 
 from __future__ import annotations
