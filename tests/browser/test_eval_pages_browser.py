@@ -20,6 +20,7 @@ from tests.browser.test_dashboard_browser import (  # noqa: F401 (fixtures)
     _sign_in,
     _stylesheet_applied,
     _wait,
+    ada,
     browser,
     driver,
 )
@@ -66,21 +67,6 @@ def _dataset(user, name: str, rows: list[dict]):
 
     body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
     return datasets.dataset_create(user=user, name=name, stream=io.BytesIO(body))
-
-
-@pytest.fixture
-def ada(db):
-    from config.roles import Role
-    from config.services import user_create
-
-    return user_create(
-        username="ada",
-        role=Role.ENGINEER,
-        actor=None,
-        password=PASSWORD,
-        first_name="Ada",
-        last_name="Lovelace",
-    )
 
 
 def _singles(user, judge: str) -> dict:
