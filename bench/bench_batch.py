@@ -24,7 +24,7 @@ calls), and its figure is the share of the rate limit reached, not a ratio; the 
 loop printed beside it (run just before) is a yardstick of the loopback server's speed.
 
 Sizes: BENCH_BATCH_TASKS (default 920), BENCH_BATCH_RPM (default 360), BENCH_BATCH_SIZES,
-BENCH_BATCH_ROUNDS (default 3).
+BENCH_BATCH_ROUNDS (default 3); BENCH_BATCH_PARTS (default creation,overhead,throughput).
 """
 
 from __future__ import annotations
@@ -294,19 +294,23 @@ def creation(corpus, sizes: list[int]) -> None:
 
 
 def main() -> None:
-    for name in ("crucible.gateway", "httpx", "openai", "crucible.batch"):
+    for name in ("crucible.gateway", "httpx", "httpx2", "openai", "crucible.batch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from jobs.batch import services
 
     services.framework_sync()
     corpus = _corpus()
+    parts = set(os.environ.get("BENCH_BATCH_PARTS", "creation,overhead,throughput").split(","))
     n_tasks = int(os.environ.get("BENCH_BATCH_TASKS", "920"))
     sizes = [int(s) for s in os.environ.get("BENCH_BATCH_SIZES", "1000,10000,100000").split(",")]
-    creation(corpus, sizes)
-    overhead(corpus, min(n_tasks, 200), int(os.environ.get("BENCH_BATCH_ROUNDS", "3")))
-    throughput(
-        corpus,
-        n_tasks,
-        int(os.environ.get("BENCH_BATCH_RPM", "360")),
-        int(os.environ.get("BENCH_BATCH_CONCURRENCY", "4")),
-    )
+    if "creation" in parts:
+        creation(corpus, sizes)
+    if "overhead" in parts:
+        overhead(corpus, min(n_tasks, 200), int(os.environ.get("BENCH_BATCH_ROUNDS", "3")))
+    if "throughput" in parts:
+        throughput(
+            corpus,
+            n_tasks,
+            int(os.environ.get("BENCH_BATCH_RPM", "360")),
+            int(os.environ.get("BENCH_BATCH_CONCURRENCY", "4")),
+        )

@@ -1027,10 +1027,14 @@ def llm_orphans(*, now: datetime | None = None, subject_type=None, subject_ids=N
     those past expiry, or (``subject_ids``) those of subjects whose worker is known dead."""
     qs = LlmReservation.objects.filter(call__outcome=LLM_IN_FLIGHT).select_related("call")
     if subject_ids is not None:
-        return qs.filter(
-            call__content_type=ContentType.objects.get_for_model(subject_type),
-            call__object_id__in=[str(pk) for pk in subject_ids],
-        )
+        ids = [str(pk) for pk in subject_ids]
+        of_subjects = qs.filter(call__content_type=ContentType.objects.get_for_model(subject_type))
+        # 10,000 ids per IN list: under the databases' bound-parameter limits.
+        return [
+            reservation
+            for start in range(0, len(ids), 10_000)
+            for reservation in of_subjects.filter(call__object_id__in=ids[start : start + 10_000])
+        ]
     return qs.filter(expires_at__lte=now or timezone.now())
 
 

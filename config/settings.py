@@ -129,10 +129,19 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-crucible.sqlite3")}
 else:
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
-    # Not server-side binding with prepared statements: tried, it took about 1 ms off a batch
-    # task's 2.8 ms of queries (no planning per call), but a bound query takes at most 65,535
-    # parameters and Django does not batch for that limit: deleting a job of 100,000 tasks
-    # failed (bench_batch), and so would a job over every chunk of a corpus that large.
+    # Django's backend, batching for bound parameters (config/db/postgresql/base.py).
+    postgresql = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+    if postgresql:
+        DATABASES["default"]["ENGINE"] = "config.db.postgresql"
+    if postgresql and env.bool("DB_PREPARED_STATEMENTS", default=True):
+        # psycopg prepares a statement on the server after ``prepare_threshold`` runs on a
+        # connection, so hot statements (a batch task's claim and result, the gateway's
+        # ledger and budget hold) stop paying PostgreSQL's planner on every call: about 1 ms
+        # of a batch task's 2.8 ms of queries (bench/bench_batch.py). It needs server-side
+        # binding, whose 65,535-parameter limit the backend above batches for. Off
+        # (DB_PREPARED_STATEMENTS=0) behind a transaction-pooling PgBouncer, which cannot
+        # keep a session's prepared statements.
+        DATABASES["default"]["OPTIONS"].update(server_side_binding=True, prepare_threshold=5)
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 

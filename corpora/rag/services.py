@@ -383,7 +383,11 @@ def _refresh(kb: KnowledgeBase, *, beat: Heartbeat, claim: str, user) -> None:
     counts.chunks_per_s = round(counts.embedded / counts.seconds, 1) if counts.seconds else 0.0
     with transaction.atomic():
         if gone:
-            KnowledgeBaseEntry.objects.filter(pk__in=[e.pk for e in gone]).update(tombstoned=True)
+            gone_ids = [e.pk for e in gone]
+            for start in range(0, len(gone_ids), 10_000):  # under bound-parameter limits
+                KnowledgeBaseEntry.objects.filter(pk__in=gone_ids[start : start + 10_000]).update(
+                    tombstoned=True
+                )
         KnowledgeBaseEntry.objects.bulk_create(new_entries, batch_size=2000)
         if counts.compacted:
             KnowledgeBaseEntry.objects.filter(knowledge_base=kb, tombstoned=True).delete()

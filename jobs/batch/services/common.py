@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from config.errors import InvalidInput
 
@@ -34,3 +35,13 @@ CHARS_PER_TOKEN = 4  # the estimate's prompt tokens: characters / 4 (the gateway
 
 def _invalid(field_name: str, message: str) -> InvalidInput:
     return InvalidInput(message, details={"fields": [{"field": field_name, "message": message}]})
+
+
+# Ids per IN list: under the bound-parameter limits of SQLite (32,766) and of PostgreSQL's
+# server-side binding (65,535), so a selection of a very large corpus stays valid SQL.
+ID_SLICE = 10_000
+
+
+def id_slices(ids: list) -> Iterator[list]:
+    for start in range(0, len(ids), ID_SLICE):
+        yield ids[start : start + ID_SLICE]

@@ -19,7 +19,7 @@ from corpora.models import Chunk
 from jobs import gateway
 from jobs.batch.kinds import kind_get
 from jobs.batch.models import BatchJob, BatchTask
-from jobs.batch.services.common import BULK_BATCH, BULK_MEMO
+from jobs.batch.services.common import BULK_BATCH, BULK_MEMO, id_slices
 from jobs.batch.services.engine import enqueue_dispatch
 from jobs.batch.services.planning import Plan, job_plan
 from jobs.models import RegisteredModel
@@ -171,10 +171,15 @@ def tasks_bulk_create(rows: Iterable[BatchTask], *, batch_size: int = BULK_BATCH
 
 
 def _frozen(plan: Plan) -> dict:
-    chunks = (
-        Chunk.objects.filter(pk__in=plan.chunk_ids)
-        .select_related("document")
-        .only("pk", "text", "document__external_id", "position")
+    chunks = sorted(
+        (
+            chunk
+            for ids in id_slices(plan.chunk_ids)
+            for chunk in Chunk.objects.filter(pk__in=ids)
+            .select_related("document")
+            .only("pk", "text", "document__external_id", "position")
+        ),
+        key=lambda c: c.pk,
     )
     return {
         "corpus": {
@@ -208,7 +213,7 @@ def _frozen(plan: Plan) -> dict:
                 "position": c.position,
                 "sha256": hashlib.sha256(c.text.encode()).hexdigest(),
             }
-            for c in chunks.order_by("pk")
+            for c in chunks
         ],
         "code_version": code_version(),
     }

@@ -24,6 +24,7 @@ from jobs.batch.services.common import (
     RUNS_MIN,
     WINDOW_S,
     _invalid,
+    id_slices,
 )
 from jobs.models import GatewaySettings, RegisteredModel
 
@@ -116,7 +117,11 @@ def _selected_chunks(corpus: Corpus, selection: dict) -> list[int]:
     flt = selection.get("filter") or {}
     qs = Chunk.objects.filter(corpus=corpus)
     if chunk_ids:
-        found = list(qs.filter(pk__in=chunk_ids).order_by("pk").values_list("pk", flat=True))
+        found = sorted(
+            pk
+            for ids in id_slices(list(chunk_ids))
+            for pk in qs.filter(pk__in=ids).values_list("pk", flat=True)
+        )
         missing = sorted(set(chunk_ids) - set(found))
         if missing:
             raise _invalid("chunk_ids", f"Chunks not in this corpus: {missing[:10]}.")
@@ -227,8 +232,9 @@ def job_plan(
 def _estimate(plan: Plan) -> None:
     """Prompt tokens from the characters of each chunk plus each framework's template;
     completion tokens at max_tokens (an upper bound); prices from the registry."""
-    chunk_chars = (
-        Chunk.objects.filter(pk__in=plan.chunk_ids).aggregate(c=Sum("char_count"))["c"] or 0
+    chunk_chars = sum(
+        Chunk.objects.filter(pk__in=ids).aggregate(c=Sum("char_count"))["c"] or 0
+        for ids in id_slices(plan.chunk_ids)
     )
     prompt = 0
     for fw in plan.frameworks:
