@@ -80,7 +80,8 @@ def test_no_variables_means_the_embedded_default(tmp_path):
 
 def test_production_variables_switch_each_part(tmp_path):
     found = _settings_in(_clean_env(tmp_path, **PRODUCTION))
-    assert found["db"] == "django.db.backends.postgresql"
+    # Django's PostgreSQL backend, batching for bound parameters (config/db/postgresql).
+    assert found["db"] == "config.db.postgresql"
     assert found["cache"] == "django.core.cache.backends.redis.RedisCache"
     assert found["broker"] == "redis"
     assert found["storage"] == "storages.backends.s3.S3Storage"
