@@ -188,8 +188,9 @@ class Worker:
         from gpu import checkpoints, data, perplexity
         from gpu import model as model_mod
 
-        # Before the trainer's imports (trl imports bitsandbytes): on a CPU this silences
-        # bitsandbytes' warning about its 4-bit CPU kernels, which a CPU run never uses.
+        # Before the trainer's imports (trl or peft import bitsandbytes, at import or at model
+        # load): on a CPU this silences bitsandbytes' warning about its 4-bit CPU kernels, which
+        # a CPU run never uses.
         device = model_mod.resolve_device(spec.device)
         from gpu import trainer as trainer_mod
         from gpu.callbacks import METRIC_FIELDS, CrucibleCallback

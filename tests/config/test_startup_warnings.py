@@ -45,8 +45,8 @@ logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
 if sys.argv[1] == "cpu":
     from gpu.model import resolve_device
     assert resolve_device("cpu") == "cpu"
-import gpu.trainer  # trl -> peft -> bitsandbytes
-assert "bitsandbytes" in sys.modules
+import gpu.trainer  # trl and peft: older releases import bitsandbytes here, newer ones later
+import bitsandbytes  # whoever imports it first (peft at model load, say), this is when it logs
 """
 
 
