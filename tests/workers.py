@@ -43,3 +43,19 @@ def reset_broker_pools() -> None:
     app._pool = None
     app.amqp._producer_pool = None
     pools.reset()
+
+
+def assert_ledger_covers_server_calls(calls, server_calls: int) -> None:
+    """After a worker was killed mid-call: every call that reached the server is in the
+    ledger (``calls``: the uncached ledger rows), none left in flight. A call's row is
+    committed before its request leaves, so a kill between the two records an attempt the
+    server never saw: the ledger may count more than the server, never fewer, and only by the
+    calls settled as lost (one unsent attempt each at most). Billing errs towards the held
+    cost rather than missing a call."""
+    from django.db.models import Sum
+
+    recorded = calls.aggregate(n=Sum("attempts"))["n"]
+    lost = calls.filter(outcome="error:worker_lost").count()
+    assert server_calls <= recorded <= server_calls + lost, (recorded, server_calls, lost)
+    assert (calls.filter(outcome="ok").aggregate(n=Sum("attempts"))["n"] or 0) <= server_calls
+    assert not calls.filter(outcome="in_flight").exists()

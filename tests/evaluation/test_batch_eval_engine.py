@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.contenttypes.models import ContentType
-from django.db.models import Count, Sum
+from django.db.models import Count
 from django.utils import timezone
 
 from billing.models import LlmCall
@@ -25,7 +25,7 @@ from jobs.batch.models import BatchJob, BatchTask
 from tests.conftest import assert_envelope
 from tests.jobs.openai_server import fast_gateway, loopback_model, openai_server  # noqa: F401
 from tests.jobs.test_batch_worker_kill import worker  # noqa: F401
-from tests.workers import wait_until
+from tests.workers import assert_ledger_covers_server_calls, wait_until
 
 
 def _dataset(n: int) -> EvalDataset:
@@ -199,7 +199,7 @@ def test_sigkill_mid_batch_evaluation_then_restart_scores_each_item_once(
     assert batch.items.filter(status="succeeded").count() == 80
     ledger = LlmCall.objects.filter(content_type=ContentType.objects.get_for_model(BatchTask))
     computed = ledger.filter(cached=False)
-    assert computed.aggregate(n=Sum("attempts"))["n"] == len(openai_server.calls())
+    assert_ledger_covers_server_calls(computed, len(openai_server.calls()))
     assert not ledger.filter(outcome="in_flight").exists()
     answered = computed.filter(outcome="ok").values("object_id").annotate(n=Count("pk"))
     assert answered.count() == 80 and max(r["n"] for r in answered) == 1
