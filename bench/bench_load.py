@@ -56,19 +56,24 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def setup_app(env: dict, loop_url: str) -> str:
-    """Migrate a fresh data dir, create a token and the loopback provider; returns the token."""
+    """Migrate, create (or reuse) the bench user with a fresh token and the loopback provider;
+    returns the token."""
     subprocess.run([PY, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
     code = f"""
 from config.roles import Role
 from config.services import user_create, user_token_rotate
 from jobs.models import Provider, RegisteredModel
-u = user_create(username="bench", role=Role.ENGINEER, actor=None)
+from django.contrib.auth import get_user_model
+# Idempotent: a second run on the same DATABASE_URL reuses the user and points the provider
+# at this run's loopback server.
+u = get_user_model().objects.filter(username="bench").first()
+u = u or user_create(username="bench", role=Role.ENGINEER, actor=None)
 t = user_token_rotate(user=u, actor=None)
-p = Provider.objects.create(slug="bench-loop", name="Loopback", kind="openai",
-                            base_url="{loop_url}", timeout_s=5)
-RegisteredModel.objects.create(provider=p, remote_id="test-chat", key="bench-loop/test-chat",
-    display_name="Loopback", price_input_per_m=1, price_output_per_m=2, price_source="admin",
-    capabilities=["chat"])
+p, _ = Provider.objects.update_or_create(slug="bench-loop", defaults=dict(name="Loopback",
+    kind="openai", base_url="{loop_url}", timeout_s=5))
+RegisteredModel.objects.get_or_create(key="bench-loop/test-chat", defaults=dict(provider=p,
+    remote_id="test-chat", display_name="Loopback", price_input_per_m=1,
+    price_output_per_m=2, price_source="admin", capabilities=["chat"]))
 print(t.key)
 """
     out = subprocess.run(
@@ -183,10 +188,16 @@ def main() -> None:
         mode = "production (Redis" + (", PostgreSQL)" if env.get("DATABASE_URL") else ", SQLite)")
     else:
         env.pop("REDIS_URL", None)
-        mode = "embedded (SQLite, filesystem broker, local-memory cache)"
+        db = "PostgreSQL" if env.get("DATABASE_URL") else "SQLite"
+        mode = f"no Redis ({db}, filesystem broker, database cache)"
     token = setup_app(env, loop.url)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # The server's own log (closed in the finally below), kept when a request failed so the
+    # cause of a 5xx is on disk instead of lost.
+    web_log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+        "w", prefix="crucible-load-web-", suffix=".log", delete=False
+    )
     web = subprocess.Popen(
         [
             str(REPO / ".venv" / "bin" / "gunicorn"),
@@ -204,8 +215,9 @@ def main() -> None:
         ],
         cwd=REPO,
         env=env,
-        stderr=subprocess.DEVNULL,
+        stderr=web_log,
     )
+    errors_seen = 0
     try:
         for _ in range(100):
             try:
@@ -220,6 +232,7 @@ def main() -> None:
         for rate in [float(r) for r in args.rates.split(",")]:
             s = asyncio.run(stage(base, token, rate, args.stage_s))
             show(s)
+            errors_seen += s["errors"]
             met = (s["hit_p95"] or 1e9) < SLO_HIT_P95_MS and s["errors"] / s[
                 "sent"
             ] < SLO_ERROR_RATE
@@ -244,11 +257,13 @@ def main() -> None:
         print(f"  Redis stopped: readyz {readyz(base)}")
         s = asyncio.run(stage(base, token, rate, args.stage_s / 2))
         show(s)
+        errors_seen += s["errors"]
         redis_proc = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL)
         time.sleep(1.0)
         print(f"  Redis back: readyz {readyz(base)}")
         s = asyncio.run(stage(base, token, rate, args.stage_s / 2))
         show(s)
+        errors_seen += s["errors"]
     finally:
         web.terminate()
         try:
@@ -260,6 +275,11 @@ def main() -> None:
         if redis_proc is not None:
             redis_proc.terminate()
         shutil.rmtree(data, ignore_errors=True)
+        web_log.close()
+        if errors_seen:
+            print(f"server log (kept, {errors_seen} failed requests): {web_log.name}")
+        else:
+            os.unlink(web_log.name)
         print(f"loopback server saw {len(loop.calls())} chat calls")
 
 

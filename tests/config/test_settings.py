@@ -112,3 +112,22 @@ def test_ruff_is_clean():
     ruff = Path(sys.executable).with_name("ruff")
     result = subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.django_db
+def test_the_database_cache_works_whatever_cache_the_database_was_migrated_with(settings):
+    """An installation migrated with REDIS_URL set and later run without Redis falls back to
+    the database cache; its table must exist (migration core.0003), or every authenticated
+    request is a 500. In production-mode CI this test database was migrated with Redis."""
+    from django.core.cache import caches
+    from django.db import connection
+
+    assert "crucible_cache" in connection.introspection.table_names()
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "crucible_cache",
+        }
+    }
+    cache = caches["default"]
+    assert cache.add("probe", 1, 30) and cache.get("probe") == 1
