@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -22,6 +23,7 @@ from ninja.errors import AuthenticationError, HttpError, Throttled
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.parser import Parser
 from ninja.renderers import JSONRenderer
+from ninja.responses import NinjaJSONEncoder
 
 from config.auth import ApiTokenAuth, BrowserSessionAuth
 from config.errors import (
@@ -78,7 +80,22 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-_RENDERER = JSONRenderer()
+class _Encoder(NinjaJSONEncoder):
+    """Decimals in fixed-point notation: Django's encoder writes ``str(Decimal)``, so a zero
+    read from a column with 8 decimal places came out as ``"0E-8"`` and tiny costs as
+    ``"5E-7"``."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, Decimal):
+            return format(o, "f")
+        return super().default(o)
+
+
+class CrucibleRenderer(JSONRenderer):
+    encoder_class = _Encoder
+
+
+_RENDERER = CrucibleRenderer()
 
 
 def error_response(
@@ -302,6 +319,7 @@ class CrucibleAPI(NinjaAPI):
         kwargs.setdefault("auth", [ApiTokenAuth(), BrowserSessionAuth()])
         kwargs.setdefault("throttle", [TokenRateThrottle()])
         kwargs.setdefault("parser", JsonObjectParser())
+        kwargs.setdefault("renderer", CrucibleRenderer())
         super().__init__(*args, **kwargs)
         for exc_class, handler in error_handlers():
             self.add_exception_handler(exc_class, handler)

@@ -183,3 +183,19 @@ def test_any_iso_offset_filters_jobs_in_utc(engineer, job, offset):
     assert any(row["id"] == str(job.pk) for row in response.json()["items"])
     early = engineer.get("training/jobs?created_before=0492-09-16T12:50:59%2B17:11")
     assert early.status_code == 200 and early.json()["items"] == []
+
+
+def test_decimals_render_in_fixed_point_notation():
+    """Django's encoder writes str(Decimal): a zero cost from an 8-decimal column read
+    "0E-8" and a tiny one "5E-7"."""
+    import json
+    from decimal import Decimal
+
+    from config.api import CrucibleRenderer
+
+    body = CrucibleRenderer().render(
+        None,
+        {"zero": Decimal("0E-8"), "tiny": Decimal("5E-7"), "big": Decimal("1.5E+3")},
+        response_status=200,
+    )
+    assert json.loads(body) == {"zero": "0.00000000", "tiny": "0.0000005", "big": "1500"}

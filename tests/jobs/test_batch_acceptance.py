@@ -275,6 +275,9 @@ def test_api_create_list_get_and_control(
     job_id = body["id"]
     listed = api.get("jobs").json()
     assert [j["id"] for j in listed] == [job_id] and listed[0]["finished"] == 0
+    # Money in fixed-point notation, as read from the 8-decimal column (not "0E-8").
+    assert listed[0]["cost"] == "0" and "E" not in listed[0]["estimate_cost"]
+    Decimal(listed[0]["estimate_cost"])  # still a decimal string
     assert api.get(f"jobs/{job_id}").json()["parameters_sha256"] == body["parameters_sha256"]
     assert api.post(f"jobs/{job_id}/pause").json()["status"] == "paused"
     assert_envelope(api.post(f"jobs/{job_id}/pause"), 409)
