@@ -16,6 +16,7 @@ import pytest
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -128,11 +129,23 @@ def _sign_in(browser, live_server, username: str, password: str) -> None:
     form = browser.find_element(By.CSS_SELECTOR, "form[method=post]")
     form.find_element(By.NAME, "username").send_keys(username)
     form.find_element(By.NAME, "password").send_keys(password)
+    browser.execute_script("window.__crucibleLoginPage = true")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     # Wait for the sign-in to land: a `get` issued while the POST is in flight aborts it, and
     # the next page then redirects to the login form (seen in CI as a timeout on a later wait).
-    _wait(browser).until(ec.staleness_of(form))
-    _wait(browser).until(lambda b: b.execute_script("return document.readyState") == "complete")
+    # The new document has no marker. Not staleness_of(form): Chromium 156 sometimes answers a
+    # query on the old element with "Node with given id does not belong to the document", an
+    # unknown error that staleness_of does not take for staleness (seen in CI).
+    _wait(browser).until(_next_document_loaded)
+
+
+def _next_document_loaded(browser) -> bool:
+    try:
+        return browser.execute_script(
+            "return !window.__crucibleLoginPage && document.readyState === 'complete'"
+        )
+    except WebDriverException:  # the script ran while the page was being replaced
+        return False
 
 
 def _shoot(browser, name: str) -> Path:
