@@ -26,6 +26,7 @@ from ninja.renderers import JSONRenderer
 from ninja.responses import NinjaJSONEncoder
 
 from config.auth import ApiTokenAuth, BrowserSessionAuth
+from config.decimals import decimal_text
 from config.errors import (
     CrucibleError,
     DependencyUnavailable,
@@ -87,7 +88,7 @@ class _Encoder(NinjaJSONEncoder):
 
     def default(self, o: Any) -> Any:
         if isinstance(o, Decimal):
-            return format(o, "f")
+            return decimal_text(o)
         return super().default(o)
 
 

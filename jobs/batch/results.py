@@ -17,6 +17,7 @@ from pathlib import Path
 from django.db.models import Count, Sum
 from django.utils import timezone
 
+from config.decimals import decimal_text
 from jobs.batch import stats
 from jobs.batch.models import BatchJob, BatchStats, BatchTask, FrameworkVersion
 
@@ -59,7 +60,7 @@ def raw_rows(job: BatchJob, *, statuses=None) -> list[dict]:
                 "error_message": t.error_message,
                 "prompt_tokens": t.prompt_tokens,
                 "completion_tokens": t.completion_tokens,
-                "cost": str(t.cost),
+                "cost": decimal_text(t.cost),
                 "latency_ms": t.latency_ms,
                 "started_at": t.started_at.isoformat() if t.started_at else None,
                 "finished_at": t.finished_at.isoformat() if t.finished_at else None,
@@ -140,8 +141,8 @@ def progress(job: BatchJob) -> dict:
         "percent": round(100 * finished / job.task_count, 1) if job.task_count else 0,
         "by_status": by_status,
         "by_model": by_model,
-        "cost": str(totals["cost"] or Decimal(0)),
-        "estimate_cost": str(job.estimate_cost),
+        "cost": decimal_text(totals["cost"] or Decimal(0)),
+        "estimate_cost": decimal_text(job.estimate_cost),
         "prompt_tokens": totals["prompt"] or 0,
         "completion_tokens": totals["completion"] or 0,
         "failure_taxonomy": {**errors, "repaired_after_invalid": repaired},
